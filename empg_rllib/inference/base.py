@@ -1,0 +1,55 @@
+"""The interface every inference engine (HF, vLLM) implements, and the record it returns.
+
+Switching engines changes nothing else: each returns, per sequence, the token ids it sampled, the
+log-prob and the full-vocabulary entropy of each at the sampling temperature, and why it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample: temperature, length cap, stop strings, seed (None: the engine's stream)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    stop: tuple[str, ...] = ("</action>",)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class Completion:
+    """One sampled continuation, exactly as sampled."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # log pi(token) at the sampling temperature
+    entropies: list[float]  # full-vocabulary entropy at each sampled position
+    finish_reason: FinishReason
+    text: str = ""
+    weights_version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceEngine(Protocol):
+    """Batched sampling from prompt token ids, plus in-place weight updates."""
+
+    weights_version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in order."""
+        ...
+
+    def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> None:
+        """Load new policy weights; bumps (or sets) `weights_version`."""
+        ...

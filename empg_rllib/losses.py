@@ -1,0 +1,122 @@
+"""Token-level policy-gradient losses: clipped surrogate (GRPO / DAPO clip-higher), k3 KL,
+aggregation modes, and full-vocabulary token entropy.
+
+All tensors are [batch, tokens] with a 0/1 (or bool) `mask` marking the generated tokens that
+count; masked positions never contribute, even when they hold NaN or inf.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token | prefix) at `temperature`; logits [B, T, V] already aligned with tokens [B, T]."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary Shannon entropy -sum_v p(v) log p(v) of softmax(logits / temperature)."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def masked_aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Aggregation = "token_mean",
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token values to a scalar.
+
+    token_mean:           sum over all tokens / number of tokens (DAPO).
+    seq_mean_token_mean:  mean over sequences of each sequence's token mean (GRPO).
+    seq_mean_token_sum:   mean over sequences of each sequence's token sum (Dr.GRPO).
+    `normalizer` replaces the denominator (tokens for token_mean, sequences otherwise) so that
+    micro-batches of one batch sum to the loss of the whole batch under gradient accumulation.
+    """
+    mask = mask.to(values.dtype)
+    masked = torch.where(mask > 0, values, torch.zeros_like(values))
+    if mode == "token_mean":
+        total = masked.sum()
+        count = mask.sum() if normalizer is None else normalizer
+    elif mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        tokens_per_seq = mask.sum(-1)
+        per_seq = masked.sum(-1)
+        if mode == "seq_mean_token_mean":
+            per_seq = per_seq / tokens_per_seq.clamp(min=1)
+        total = per_seq.sum()
+        count = (tokens_per_seq > 0).sum() if normalizer is None else normalizer
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
+    count_t = torch.as_tensor(count, dtype=values.dtype, device=values.device)
+    return total / count_t.clamp(min=1)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped objective, negated as a loss, and whether each token was clipped.
+
+    L = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A),  r = exp(logp - old_logp).
+    clip_high > clip_low is DAPO's clip-higher.
+    """
+    log_ratio = torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped) & (mask > 0)
+    return loss, was_clipped
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: Aggregation = "token_mean",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (+ kl_coef * k3 KL to a reference) aggregated over unmasked tokens.
+
+    Returns the scalar loss and detached statistics (clip fraction, KL, ratio).
+    """
+    surrogate, was_clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    per_token = surrogate
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logp is not None and kl_coef != 0.0:
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = masked_aggregate(kl.detach(), mask, "token_mean")
+    loss = masked_aggregate(per_token, mask, aggregation, normalizer)
+    with torch.no_grad():
+        fmask = mask.float()
+        tokens = fmask.sum().clamp(min=1)
+        stats["policy_loss"] = masked_aggregate(surrogate.detach(), mask, aggregation, normalizer)
+        stats["clip_fraction"] = was_clipped.float().sum() / tokens
+        ratio = torch.exp(torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp)))
+        stats["ratio_mean"] = (ratio * fmask).sum() / tokens
+    return loss, stats

@@ -1,0 +1,196 @@
+"""Multi-turn rollouts: many text environments advanced by one inference engine.
+
+Every live conversation that needs its next turn joins the next engine batch, so conversations
+advance independently: one that ends early frees its slot instead of waiting for the slowest.
+Each turn is recorded with the token ids the engine sampled (never re-encoded text), their
+behaviour log-probs and entropies, and the weights version that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+
+from empg_rllib.inference.base import InferenceEngine, SamplingParams
+from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, parse_response
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Turn:
+    """One agent turn: the prompt it saw, what it sampled, and what the environment answered."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    entropies: list[float]
+    finish_reason: str
+    weights_version: int
+    action: str  # what was sent to the environment
+    format_error: str | None  # why the response did not parse, if it did not
+    reward: float = 0.0
+    invalid_action: bool = False
+
+    @property
+    def mean_entropy(self) -> float:
+        """EMPG step entropy H_t as the sampler saw it."""
+        return sum(self.entropies) / len(self.entropies) if self.entropies else 0.0
+
+
+@dataclass
+class Episode:
+    """A finished conversation with one task."""
+
+    task_id: str
+    task_type: str
+    seed: int
+    group: Any = None
+    turns: list[Turn] = field(default_factory=list)
+    won: bool = False
+    score: float = 0.0
+    truncated: bool = False
+
+    @property
+    def reward(self) -> float:
+        """The outcome reward EMPG learns from: the final score (1.0 for a win)."""
+        return self.score
+
+
+@dataclass(frozen=True)
+class EpisodeRequest:
+    """A task to play: `task` goes to reset's options (None: drawn from the seed)."""
+
+    seed: int
+    task: Any = None
+    group: Any = None
+
+
+@dataclass
+class RolloutStats:
+    episodes: int = 0
+    env_steps: int = 0
+    generated_tokens: int = 0
+    crashed_episodes: int = 0
+    engine_seconds: float = 0.0
+    env_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+class _Conversation:
+    def __init__(self, env: gym.Env, request: EpisodeRequest) -> None:
+        self.env = env
+        self.request = request
+        obs, info = env.reset(seed=request.seed, options={"task": request.task} if request.task is not None else None)
+        self.observation = obs
+        self.info = info
+        self.instruction = info["instruction"]
+        self.history: list[HistoryTurn] = []
+        self.episode = Episode(task_id=info["task_id"], task_type=info["task_type"], seed=request.seed, group=request.group)
+
+
+def run_episodes(
+    engine: InferenceEngine,
+    tokenizer: Any,
+    make_env: Callable[[], gym.Env],
+    requests: Sequence[EpisodeRequest],
+    sampling: SamplingParams,
+    prompt_config: PromptConfig | None = None,
+    max_concurrent: int = 16,
+    stats: RolloutStats | None = None,
+) -> list[Episode]:
+    """Play every request to the end; returns finished episodes in completion order.
+
+    An environment that raises `EnvCrashed` is replaced; its episode is dropped and counted in
+    `stats.crashed_episodes`.
+    """
+    from envs import EnvCrashed  # envs is a sibling package; imported lazily to keep this module light
+
+    prompt_config = prompt_config or PromptConfig()
+    stats = stats if stats is not None else RolloutStats()
+    started = time.perf_counter()
+    pending = list(requests)[::-1]
+    idle_envs: list[gym.Env] = []
+    live: list[_Conversation] = []
+    finished: list[Episode] = []
+
+    def start_next() -> None:
+        while pending and len(live) < max_concurrent:
+            request = pending.pop()
+            env = idle_envs.pop() if idle_envs else make_env()
+            try:
+                live.append(_Conversation(env, request))
+            except EnvCrashed:
+                logger.warning("environment crashed at reset; replacing it and dropping the episode")
+                stats.crashed_episodes += 1
+                env.close()
+
+    start_next()
+    while live:
+        prompts = [
+            build_prompt_ids(
+                tokenizer,
+                conv.instruction,
+                conv.observation,
+                conv.history,
+                conv.info.get("admissible_actions"),
+                prompt_config,
+            )
+            for conv in live
+        ]
+        t0 = time.perf_counter()
+        completions = engine.generate(prompts, sampling)
+        stats.engine_seconds += time.perf_counter() - t0
+        still_live: list[_Conversation] = []
+        for conv, prompt, completion in zip(live, prompts, completions):
+            parsed = parse_response(completion.text, prompt_config)
+            # An unparsable response still costs a turn: the env sees the raw text and answers
+            # with its own invalid-action convention, so truncation bounds every episode.
+            action = parsed.action if parsed.valid else completion.text.strip()[: prompt_config.max_action_chars]
+            t0 = time.perf_counter()
+            try:
+                obs, reward, terminated, truncated, info = conv.env.step(action)
+            except EnvCrashed:
+                logger.warning("environment crashed in task %s; replacing it", conv.episode.task_id)
+                stats.crashed_episodes += 1
+                conv.env.close()
+                continue
+            finally:
+                stats.env_seconds += time.perf_counter() - t0
+            stats.env_steps += 1
+            stats.generated_tokens += len(completion.token_ids)
+            conv.episode.turns.append(
+                Turn(
+                    prompt_ids=prompt,
+                    response_ids=completion.token_ids,
+                    logprobs=completion.logprobs,
+                    entropies=completion.entropies,
+                    finish_reason=completion.finish_reason,
+                    weights_version=completion.weights_version,
+                    action=action,
+                    format_error=parsed.error,
+                    reward=float(reward),
+                    invalid_action=bool(info.get("invalid_action")) or not parsed.valid,
+                )
+            )
+            conv.history.append(HistoryTurn(conv.observation, action))
+            conv.observation, conv.info = obs, info
+            if terminated or truncated:
+                conv.episode.won = bool(info.get("won"))
+                conv.episode.score = float(info.get("score", 0.0))
+                conv.episode.truncated = bool(truncated)
+                finished.append(conv.episode)
+                stats.episodes += 1
+                idle_envs.append(conv.env)
+            else:
+                still_live.append(conv)
+        live = still_live
+        start_next()
+    for env in idle_envs:
+        env.close()
+    stats.wall_seconds += time.perf_counter() - started
+    return finished

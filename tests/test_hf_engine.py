@@ -1,0 +1,112 @@
+"""The HF inference engine against a teacher-forced forward pass of the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from empg_rllib.inference.base import SamplingParams
+from empg_rllib.inference.hf import HFEngine
+from empg_rllib.scoring import score_responses
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    tokenizer, model = tiny_model
+    return HFEngine(model, tokenizer, seed=0)
+
+
+def _prompts(tokenizer):
+    texts = ["go", "You are in a room. Your task is to put a mug in the fridge.", "search[red shoes] then buy"]
+    return [tokenizer.encode(t) for t in texts] + [tokenizer.encode("look around")[:1]]
+
+
+def test_logprobs_and_entropies_match_teacher_forcing(engine):
+    prompts = _prompts(engine.tokenizer)
+    assert len({len(p) for p in prompts}) == len(prompts)  # mixed prompt lengths -> left padding
+    for temperature in (1.0, 0.7):
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=temperature, seed=5, stop=()))
+        logp, entropy = score_responses(engine.model, prompts, [o.token_ids for o in outs], engine.pad_token_id, temperature)
+        for out, ref_lp, ref_h in zip(outs, logp, entropy):
+            assert len(out.token_ids) == len(out.logprobs) == len(out.entropies) > 0
+            assert max(abs(a - b) for a, b in zip(out.logprobs, ref_lp)) < 1e-5
+            assert max(abs(a - b) for a, b in zip(out.entropies, ref_h)) < 1e-4
+
+
+def test_padding_does_not_change_a_sequence(engine):
+    prompts = _prompts(engine.tokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop=())
+    alone = engine.generate(prompts[:1], params)[0]
+    batched = engine.generate(prompts, params)[0]
+    logp, _ = score_responses(engine.model, prompts[:1], [batched.token_ids], engine.pad_token_id)
+    assert max(abs(a - b) for a, b in zip(batched.logprobs, logp[0])) < 1e-5
+    assert len(alone.token_ids) == 8
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    prompts = _prompts(engine.tokenizer)
+    params = SamplingParams(max_new_tokens=12, seed=123, stop=())
+    a, b = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    c = engine.generate(prompts, SamplingParams(max_new_tokens=12, seed=124, stop=()))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for the LM's output only: row r emits plans[r][i] at its i-th sampled position,
+    with all probability mass on it, so the engine's stop logic can be checked exactly."""
+
+    def __init__(self, plans, vocab_size):
+        super().__init__()
+        self.plans, self.vocab_size, self.calls = plans, vocab_size, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        i = self.calls
+        self.calls += 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab_size), -1e4)
+        for row, plan in enumerate(self.plans):
+            logits[row, -1, plan[min(i, len(plan) - 1)]] = 0.0
+        return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+
+def test_stops_on_stop_string_eos_and_length(tiny_model):
+    tokenizer, _ = tiny_model
+    eos = tokenizer.eos_token_id
+    filler = tokenizer.encode(" go")
+    answer = tokenizer.encode("<action>go</action>")
+    plans = [answer + filler * 5, filler * 2 + [eos] + filler * 5, filler * 20]
+    engine = HFEngine(ScriptedLM(plans, len(tokenizer)), tokenizer)
+    stop_row, eos_row, length_row = engine.generate([[eos]] * 3, SamplingParams(max_new_tokens=10))
+    assert stop_row.finish_reason == "stop" and stop_row.token_ids == answer
+    assert stop_row.text == "<action>go</action>"
+    assert eos_row.finish_reason == "eos" and eos_row.token_ids == filler * 2 + [eos]
+    assert length_row.finish_reason == "length" and len(length_row.token_ids) == 10
+    assert all(abs(lp) < 1e-3 for lp in stop_row.logprobs)  # all mass on the planned token
+
+
+def test_update_weights_changes_outputs_and_version(tiny_model):
+    tokenizer, model = tiny_model
+    engine = HFEngine(type(model)(model.config), tokenizer, seed=0)
+    engine.update_weights(model.state_dict())
+    assert engine.weights_version == 1
+    prompt = [tokenizer.encode("look around")]
+    params = SamplingParams(max_new_tokens=6, seed=9, stop=())
+    before = engine.generate(prompt, params)[0]
+    assert before.weights_version == 1
+    ref, _ = score_responses(model, prompt, [before.token_ids], engine.pad_token_id)
+    assert max(abs(a - b) for a, b in zip(before.logprobs, ref[0])) < 1e-5
+    perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    engine.update_weights(perturbed, version=7)
+    after = engine.generate(prompt, params)[0]
+    assert engine.weights_version == 7 and after.weights_version == 7
+    assert after.logprobs != before.logprobs[: len(after.logprobs)]
+    with pytest.raises(RuntimeError):
+        engine.update_weights({"nope": torch.zeros(1)})
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)

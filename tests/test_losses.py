@@ -1,0 +1,100 @@
+"""Clipped surrogate, aggregation modes, k3 KL and token entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from empg_rllib.losses import (
+    clipped_surrogate,
+    kl_k3,
+    masked_aggregate,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+
+
+def test_token_mean_vs_seq_mean_token_mean():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    assert masked_aggregate(values, mask, "token_mean").item() == pytest.approx(8 / 5)
+    assert masked_aggregate(values, mask, "seq_mean_token_mean").item() == pytest.approx((1 + 4) / 2)
+    assert masked_aggregate(values, mask, "seq_mean_token_sum").item() == pytest.approx((4 + 4) / 2)
+
+
+def test_masked_tokens_never_contribute_even_when_nan():
+    values = torch.tensor([[1.0, float("nan")], [2.0, float("inf")]])
+    mask = torch.tensor([[1, 0], [1, 0]])
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
+        assert masked_aggregate(values, mask, mode).item() == pytest.approx(1.5)
+    logp = torch.tensor([[0.0, float("nan")]], requires_grad=True)
+    loss, _ = policy_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1, 0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 1] == 0
+
+
+def test_micro_batches_with_global_normalizer_sum_to_full_batch_loss():
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 5) * 0.1, torch.randn(6, 5) * 0.1
+    adv, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).long()
+    for mode, norm in (("token_mean", mask.sum().item()), ("seq_mean_token_mean", 6)):
+        full, _ = policy_loss(logp, old, adv, mask, aggregation=mode)
+        parts = sum(
+            policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], aggregation=mode, normalizer=norm)[0]
+            for i in range(0, 6, 2)
+        )
+        assert parts.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_clip_higher_is_asymmetric():
+    # ratio 1.25: inside DAPO's [0.8, 1.28] but outside GRPO's [0.8, 1.2].
+    logp, old = torch.tensor([[math.log(1.25)]]), torch.zeros(1, 1)
+    adv, mask = torch.ones(1, 1), torch.ones(1, 1)
+    grpo, clipped_grpo = clipped_surrogate(logp, old, adv, mask, 0.2, 0.2)
+    dapo, clipped_dapo = clipped_surrogate(logp, old, adv, mask, 0.2, 0.28)
+    assert grpo.item() == pytest.approx(-1.2) and clipped_grpo.item()
+    assert dapo.item() == pytest.approx(-1.25) and not clipped_dapo.item()
+    # Negative advantages are clipped at 1 - clip_low from below (pessimistic bound).
+    low, _ = clipped_surrogate(torch.tensor([[math.log(0.5)]]), old, -adv, mask, 0.2, 0.28)
+    assert low.item() == pytest.approx(0.8)
+
+
+def test_gradient_is_policy_gradient_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    loss, _ = policy_loss(logp, logp.detach(), adv, torch.ones(1, 2), aggregation="token_mean")
+    loss.backward()
+    assert torch.allclose(logp.grad, -adv / 2)
+
+
+def test_k3_kl_nonnegative_and_zero_at_equal():
+    logp = torch.randn(100)
+    assert torch.all(kl_k3(logp, torch.randn(100)) >= 0)
+    assert torch.allclose(kl_k3(logp, logp), torch.zeros(100))
+
+
+def test_kl_term_enters_loss():
+    logp, ref = torch.zeros(1, 3), torch.full((1, 3), -0.5)
+    base, _ = policy_loss(logp, logp, torch.zeros(1, 3), torch.ones(1, 3))
+    with_kl, stats = policy_loss(logp, logp, torch.zeros(1, 3), torch.ones(1, 3), ref_logp=ref, kl_coef=0.1)
+    expected = 0.1 * (math.exp(-0.5) + 0.5 - 1)
+    assert (with_kl - base).item() == pytest.approx(expected, rel=1e-5)
+    assert stats["kl"].item() == pytest.approx(expected / 0.1, rel=1e-5)
+
+
+def test_entropy_full_vocab_and_temperature():
+    logits = torch.zeros(1, 1, 8)
+    assert token_entropy(logits).item() == pytest.approx(math.log(8), rel=1e-6)
+    peaked = torch.tensor([[[4.0, 0.0, 0.0]]])
+    assert token_entropy(peaked, 0.5).item() < token_entropy(peaked, 1.0).item() < token_entropy(peaked, 2.0).item()
+    lp = token_logprobs(peaked, torch.tensor([[0]]), temperature=2.0)
+    assert lp.item() == pytest.approx(torch.log_softmax(peaked / 2.0, -1)[0, 0, 0].item())
+
+
+def test_unknown_aggregation_names_options():
+    with pytest.raises(ValueError, match="token_mean"):
+        masked_aggregate(torch.ones(1, 1), torch.ones(1, 1), "mean")
