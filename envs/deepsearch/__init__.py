@@ -1,0 +1,1 @@
+"""`deepsearch`: multi-hop search over a procedurally built fictional knowledge graph."""
