@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
+
+DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "tuned_examples" / "demo.yaml"
 
 
 def _quiet_libraries() -> None:
@@ -36,69 +39,133 @@ def cmd_envs(args: argparse.Namespace) -> int:  # noqa: ARG001 - uniform handler
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the tiny model and play episodes with it and with the expert; print a summary."""
+def _console():
     from rich.console import Console
+
+    return Console()
+
+
+def _load_experiment(path: str, overrides: list[str]):
+    from empg_rllib.experiment import ConfigError, load
+
+    try:
+        return load(path, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"empg: {path}: {err}") from None
+
+
+def _progress_printer(console, exp):
+    from empg_rllib.training import SUMMARY_KEYS
+
+    def show(iteration: int, scalars: dict[str, float]) -> None:
+        parts = [f"[bold]iter {iteration}/{exp.iterations}[/bold]"]
+        for label, key in SUMMARY_KEYS.items():
+            if key in scalars:
+                value = scalars[key]
+                parts.append(f"{label} {value:.3g}" if abs(value) < 1000 else f"{label} {value:.0f}")
+        console.print("  ".join(parts))
+
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from empg_rllib import models
+    from empg_rllib.training import ray_session, train
+
+    exp = _load_experiment(args.experiment, args.set)
+    _quiet_libraries()
+    console = _console()
+    model_path = str(models.resolve_model(exp.model))
+    with ray_session():
+        summary = train(exp, model_path, resume=args.resume, on_iteration=_progress_printer(console, exp))
+    console.print(f"checkpoint: {summary['checkpoint']}  (TensorBoard: {exp.run_dir}/{exp.name}/tensorboard)")
+    return 0
+
+
+def _results_table(title: str, rows: dict[str, dict[str, dict[str, float]]]):
     from rich.table import Table
 
-    import envs
-    from empg_rllib import models
-    from empg_rllib.inference.base import SamplingParams
-    from empg_rllib.inference.hf import HFEngine
-    from empg_rllib.prompting import PromptConfig
-    from empg_rllib.rollout import EpisodeRequest, RolloutStats, run_episodes
+    table = Table(title=title)
+    for column in ("policy", "split", "success", "score", "mean turns", "episodes"):
+        table.add_column(column)
+    for policy, splits in rows.items():
+        for split, r in splits.items():
+            table.add_row(
+                policy,
+                split,
+                f"{r['success_rate']:.1%}",
+                f"{r['score_mean']:.3f}",
+                f"{r['episode_len_mean']:.1f}",
+                f"{int(r['episodes'])}",
+            )
+    return table
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from empg_rllib.training import evaluate, ray_session
 
     _quiet_libraries()
-    console = Console()
+    with ray_session():
+        results = evaluate(args.checkpoint, args.split, args.episodes, seed=args.seed)
+    _console().print(_results_table(f"{args.checkpoint}", {"checkpoint": results}))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from empg_rllib.sft import run_sft
+
+    exp = _load_experiment(args.experiment, args.set)
+    _quiet_libraries()
+    out = args.out or f"{exp.run_dir}/{exp.name}/sft_model"
+    summary = run_sft(exp, out)
+    _console().print(
+        f"SFT: {summary['demonstrations']} demonstration turns (expert success {summary['expert_success']:.0%}), "
+        f"epoch losses {[round(x, 3) for x in summary['epoch_losses']]}, "
+        f"{summary['collect_s']:.0f}s collecting + {summary['train_s']:.0f}s training -> {summary['model']}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default: tiny model -> SFT warm start -> EMPG RL -> evaluation, one table."""
+    import json
+    import time
+    from pathlib import Path
+
+    from empg_rllib import models
+    from empg_rllib.sft import run_sft
+    from empg_rllib.training import evaluate, evaluate_model, ray_session, train
+
+    exp = _load_experiment(args.experiment, args.set)
+    _quiet_libraries()
+    console = _console()
     started = time.perf_counter()
-    with console.status(f"building the offline model {args.model!r}"):
-        path = models.resolve_model(args.model)
-    console.print(f"model: {path} ({time.perf_counter() - started:.1f}s)")
-    tokenizer, model = models.load(str(path))
-    engine = HFEngine(model, tokenizer, seed=args.seed)
-    table = Table(title=f"{args.episodes} episodes per env, seed {args.seed}")
-    for column in ("env", "policy", "success", "mean turns", "invalid actions", "tokens/s", "env steps/s"):
-        table.add_column(column)
-    for env_id in args.env:
-        env_config = {"split": args.split, "max_turns": args.max_turns}
-        requests = [EpisodeRequest(seed=args.seed + i) for i in range(args.episodes)]
-        stats = RolloutStats()
-        with console.status(f"{env_id}: sampling {args.episodes} episodes with the tiny model"):
-            episodes = run_episodes(
-                engine,
-                tokenizer,
-                lambda: envs.make(env_id, **env_config),
-                requests,
-                SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed),
-                PromptConfig(history_turns=2),
-                stats=stats,
-            )
-        turns = [t for e in episodes for t in e.turns]
-        table.add_row(
-            env_id,
-            "tiny model (untrained)",
-            f"{sum(e.won for e in episodes)}/{len(episodes)}",
-            f"{len(turns) / max(len(episodes), 1):.1f}",
-            f"{sum(t.invalid_action for t in turns) / max(len(turns), 1):.0%}",
-            f"{stats.generated_tokens / max(stats.engine_seconds, 1e-9):.0f}",
-            f"{stats.env_steps / max(stats.wall_seconds, 1e-9):.1f}",
-        )
-        expert_wins, expert_turns = 0, 0
-        env = envs.make(env_id, **env_config)
-        for request in requests:
-            _, info = env.reset(seed=request.seed)
-            done = False
-            while not done:
-                _, _, terminated, truncated, info = env.step(envs.expert_action(env))
-                expert_turns += 1
-                done = terminated or truncated
-            expert_wins += bool(info["won"])
-        env.close()
-        table.add_row(
-            env_id, "expert", f"{expert_wins}/{len(requests)}", f"{expert_turns / len(requests):.1f}", "0%", "-", "-"
-        )
-    console.print(table)
-    console.print(f"demo finished in {time.perf_counter() - started:.1f}s")
+    run_dir = Path(exp.run_dir) / exp.name
+    console.rule(f"empg demo: {exp.name} ({exp.env}, seed {exp.seed})")
+    with console.status(f"building the offline model {exp.model!r}"):
+        base_model = str(models.resolve_model(exp.model))
+    console.print(f"1. model {base_model} ({time.perf_counter() - started:.0f}s)")
+    with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
+        sft = run_sft(exp, run_dir / "sft_model")
+    console.print(
+        f"2. SFT: {sft['demonstrations']} demonstration turns, losses {[round(x, 3) for x in sft['epoch_losses']]} "
+        f"({sft['collect_s'] + sft['train_s']:.0f}s)"
+    )
+    rl_exp = exp.model_copy(update={"model": sft["model"]})
+    splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
+    with ray_session():
+        with console.status("evaluating the SFT model"):
+            sft_results = evaluate_model(rl_exp, sft["model"], splits, episodes)
+        console.print(f"3. SFT-only evaluation done ({time.perf_counter() - started:.0f}s)")
+        console.print(f"4. RL: {exp.iterations} iterations of {exp.loss.upper()}{' + EMPG' if exp.empg.enabled else ''}")
+        summary = train(rl_exp, sft["model"], on_iteration=_progress_printer(console, exp))
+        with console.status("evaluating the RL policy"):
+            rl_results = evaluate(summary["checkpoint"], splits, episodes)
+    elapsed = time.perf_counter() - started
+    console.print(_results_table(f"{exp.env}: success after SFT vs after RL (seed {exp.seed})", {"SFT only": sft_results, "SFT + RL": rl_results}))
+    report = {"experiment": exp.model_dump(), "sft": sft, "sft_only": sft_results, "after_rl": rl_results, "wall_s": elapsed, "checkpoint": summary["checkpoint"]}
+    (run_dir / "demo_summary.json").write_text(json.dumps(report, indent=2))
+    console.print(f"demo finished in {elapsed:.0f}s; TensorBoard logs: {run_dir / 'tensorboard'}; summary: {run_dir / 'demo_summary.json'}")
     return 0
 
 
@@ -121,14 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envs", help="list the registered environment ids")
     p.set_defaults(func=cmd_envs)
 
-    p = sub.add_parser("demo", help="the embedded default: tiny model on the text environments")
-    p.add_argument("--model", default="tiny:")
-    p.add_argument("--env", nargs="+", default=["alfworld"])
-    p.add_argument("--split", default="train")
-    p.add_argument("--episodes", type=int, default=4)
-    p.add_argument("--max-turns", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train with an experiment YAML")
+    p.add_argument("experiment", help="a tuned_examples/*.yaml file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted for sections)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", nargs="+", default=["eval_unseen"])
+    p.add_argument("--episodes", type=int, default=32)
+    p.add_argument("--seed", type=int, default=12345)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sft", help="behaviour cloning on expert demonstrations (warm start)")
+    p.add_argument("experiment")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="output model directory (default: <run_dir>/<name>/sft_model)")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("demo", help="the embedded default: tiny model, SFT, EMPG RL, evaluation")
+    p.add_argument("experiment", nargs="?", default=str(DEMO_EXPERIMENT))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -102,11 +102,13 @@ def run_episodes(
     prompt_config: PromptConfig | None = None,
     max_concurrent: int = 16,
     stats: RolloutStats | None = None,
+    keep_envs: list[gym.Env] | None = None,
 ) -> list[Episode]:
     """Play every request to the end; returns finished episodes in completion order.
 
     An environment that raises `EnvCrashed` is replaced; its episode is dropped and counted in
-    `stats.crashed_episodes`.
+    `stats.crashed_episodes`. Healthy environments are closed at the end, or handed back in
+    `keep_envs` for reuse.
     """
     from envs import EnvCrashed  # envs is a sibling package; imported lazily to keep this module light
 
@@ -190,7 +192,10 @@ def run_episodes(
                 still_live.append(conv)
         live = still_live
         start_next()
-    for env in idle_envs:
-        env.close()
+    if keep_envs is not None:
+        keep_envs.extend(idle_envs)
+    else:
+        for env in idle_envs:
+            env.close()
     stats.wall_seconds += time.perf_counter() - started
     return finished

@@ -45,6 +45,13 @@ class HFEngine:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
         return cls(model, tokenizer, **kwargs)
 
+    def get_rng_state(self) -> torch.Tensor:
+        """State of the sampling stream used when SamplingParams.seed is None (for resuming)."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: Any) -> None:
+        self._generator.set_state(torch.as_tensor(state, dtype=torch.uint8))
+
     def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> None:
         self.model.load_state_dict(dict(state_dict), strict=True)
         self.weights_version = self.weights_version + 1 if version is None else version

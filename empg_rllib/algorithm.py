@@ -1,0 +1,271 @@
+"""EMPGConfig and EMPG: a synchronous RLlib Algorithm for GRPO/DAPO with optional EMPG.
+
+One iteration: sample whole groups (same task, `group_size` rollouts) across env runners ->
+group advantages from outcomes -> learner pre-update pass for the generating policy's token
+entropies -> `empg_modulate` over ALL steps of the batch -> learner update -> weight sync.
+GRPO and DAPO are this algorithm with `empg.enabled: false`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
+
+from empg_rllib.batch import build_turn_batch, drop_uninformative_groups, episode_advantages, token_advantages
+from empg_rllib.env_runner import LLMEnvRunner, token_spaces
+from empg_rllib.experiment import Experiment
+from empg_rllib.learner import EMPGTorchLearner
+from empg_rllib.rl_module import LLMRLModule
+from empg_rllib.rollout import Episode, EpisodeRequest
+
+logger = logging.getLogger(__name__)
+
+
+class EMPGConfig(AlgorithmConfig):
+    """RLlib config of EMPG; `experiment(...)` sets everything an experiment file can say."""
+
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or EMPG)
+        self.experiment_settings = Experiment()
+        self.model_path: str | None = None
+        self.env_runner_cls = LLMEnvRunner
+        # LLM rollouts take far longer than RLlib's 60 s default; wait for them.
+        self.sample_timeout_s = None
+        # No connector state to merge between runners.
+        self._dont_auto_sync_env_runner_states = True
+        self.restart_failed_env_runners = True
+        self.delay_between_env_runner_restarts_s = 1.0
+        self.num_aggregator_actors_per_learner = 0
+
+    @property
+    def experiment(self) -> Experiment:
+        return self.experiment_settings
+
+    def experiment_from(self, exp: Experiment, model_path: str) -> "EMPGConfig":
+        """Apply an experiment (validated YAML) and the resolved model directory."""
+        self.experiment_settings = exp
+        self.model_path = str(model_path)
+        self.debugging(seed=exp.seed)
+        self.training(lr=exp.lr, grad_clip=exp.grad_clip, grad_clip_by="global_norm", num_epochs=exp.num_epochs)
+        self.env_runners(num_env_runners=exp.num_env_runners, create_local_env_runner=exp.num_env_runners == 0)
+        self.learners(num_learners=exp.num_learners)
+        return self
+
+    def token_spaces(self):
+        config = json.loads((Path(self.model_path) / "config.json").read_text())
+        return token_spaces(
+            config["vocab_size"], config.get("max_position_embeddings", 4096), self.experiment.max_new_tokens
+        )
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(
+            module_class=LLMRLModule,
+            model_config={
+                "path": self.model_path,
+                "dtype": self.experiment.dtype,
+                "temperature": self.experiment.temperature,
+            },
+        )
+
+    def get_default_learner_class(self) -> type:
+        return EMPGTorchLearner
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model_path:
+            raise ValueError("EMPGConfig needs a model: call experiment_from(exp, model_path)")
+
+
+class EMPG(Algorithm):
+    """Synchronous EMPG / GRPO / DAPO over text environments."""
+
+    @classmethod
+    def get_default_config(cls) -> EMPGConfig:
+        return EMPGConfig()
+
+    def setup(self, config: Any) -> None:
+        super().setup(config)
+        exp = self.config.experiment
+        self._task_rng = np.random.default_rng(exp.seed)
+        self._pad_id = self._read_pad_id()
+
+    def _read_pad_id(self) -> int:
+        config = json.loads((Path(self.config.model_path) / "config.json").read_text())
+        pad = config.get("pad_token_id")
+        return int(pad if pad is not None else config.get("eos_token_id", 0))
+
+    # ---- sampling --------------------------------------------------------------------------
+    def _draw_groups(self) -> list[EpisodeRequest]:
+        exp = self.config.experiment
+        requests = []
+        for task in range(exp.tasks_per_batch):
+            seed = int(self._task_rng.integers(0, 2**31))
+            group = f"{self.iteration}-{task}"
+            requests.extend(EpisodeRequest(seed=seed, group=group) for _ in range(exp.group_size))
+        return requests
+
+    def sample_episodes(self, requests: list[EpisodeRequest], split: str = "train", temperature: float | None = None) -> list[Episode]:
+        """Play `requests` on the env runners; a group never splits across runners. Requests of
+        a runner that dies are played again after RLlib restarts it."""
+        group = self.env_runner_group
+        if group.num_remote_env_runners() == 0:
+            episodes = self.env_runner.sample(requests=requests, split=split, temperature=temperature)
+            self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+            return episodes
+        episodes: list[Episode] = []
+        todo = list(requests)
+        deadline = time.monotonic() + self.config.env_runner_restore_timeout_s
+        while todo:
+            ids = group.healthy_worker_ids()
+            if not ids:
+                # Ray is restarting the runners (restart_failed_env_runners); wait for them.
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no healthy env runner came back within env_runner_restore_timeout_s")
+                time.sleep(1.0)
+                self.restore_env_runners(group)
+                continue
+            groups = list(dict.fromkeys(str(r.group) for r in todo))
+            owner = {g: ids[i % len(ids)] for i, g in enumerate(groups)}
+            assign = {w: [r for r in todo if owner[str(r.group)] == w] for w in ids}
+            results = group.foreach_env_runner(
+                lambda runner: (
+                    runner.worker_index,
+                    runner.sample(requests=assign.get(runner.worker_index, []), split=split, temperature=temperature),
+                    runner.get_metrics(),
+                ),
+                local_env_runner=False,
+                timeout_seconds=None,
+            )
+            done_workers = set()
+            for worker, eps, metrics in results:
+                episodes.extend(eps)
+                done_workers.add(worker)
+                self.metrics.aggregate([metrics], key=ENV_RUNNER_RESULTS)
+            todo = [r for r in todo if owner[str(r.group)] not in done_workers]
+            if todo:
+                logger.warning("%d episodes lost with a failed env runner; playing them again", len(todo))
+                self.restore_env_runners(group)
+        self.metrics.log_value(
+            (ENV_RUNNER_RESULTS, "num_env_runner_restarts"), group.num_remote_worker_restarts(), window=1
+        )
+        return episodes
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def training_step(self) -> None:
+        exp = self.config.experiment
+        episodes = self.sample_episodes(self._draw_groups())
+        if exp.loss == "dapo":
+            episodes, dropped = drop_uninformative_groups(episodes)
+            self.metrics.log_value("dropped_groups", dropped, window=1)
+        if not episodes:
+            self.metrics.log_value("skipped_iterations", 1, reduce="sum")
+            return
+        advantage = episode_advantages(episodes, scale_by_std=exp.advantage == "grpo")
+        batch = build_turn_batch(episodes, self._pad_id)
+
+        started = time.perf_counter()
+        columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        scores = self.learner_group.foreach_learner(lambda learner: learner.score(columns)).result_or_errors[0].get()
+        self.metrics.log_value("learner_score_s", time.perf_counter() - started, window=1)
+        step_entropy = batch.per_step_mean(scores["token_entropy"])
+        empg = exp.empg.model_dump(exclude={"enabled"}) if exp.empg.enabled else None
+        step_adv, token_adv, terms = token_advantages(batch, advantage, step_entropy, empg)
+        self._log_advantage_metrics(batch, scores, step_entropy, advantage[batch.traj_index], step_adv, terms)
+
+        train = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "resp_mask": batch.resp_mask,
+            "old_logp": scores["token_logp"].astype(np.float32),
+            "token_adv": token_adv,
+        }
+        if "ref_logp" in scores:
+            train["ref_logp"] = scores["ref_logp"].astype(np.float32)
+        learner_results = self.learner_group.update(
+            batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(train)}, env_steps=len(batch)),
+            num_epochs=exp.num_epochs,
+            minibatch_size=exp.minibatch_size or len(batch),
+            shuffle_batch_per_epoch=exp.minibatch_size is not None,
+        )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+
+        started = time.perf_counter()
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        self.metrics.log_value("weight_sync_s", time.perf_counter() - started, window=1)
+
+        if exp.evaluation.interval and (self.iteration + 1) % exp.evaluation.interval == 0:
+            for split, result in self.evaluate_splits().items():
+                for key, value in result.items():
+                    self.metrics.log_value(("evaluation", split, key), value, window=1)
+
+    def _log_advantage_metrics(self, batch, scores, step_entropy, base, step_adv, terms) -> None:
+        m = self.metrics
+        mask = batch.resp_mask > 0
+        gap = np.abs(batch.sampler_logp - scores["token_logp"])[mask]
+        m.log_value("sampler_learner_logp_gap_mean", float(gap.mean()) if gap.size else 0.0, window=1)
+        m.log_value("sampler_learner_logp_gap_max", float(gap.max()) if gap.size else 0.0, window=1)
+        m.log_value("step_entropy_mean", float(step_entropy.mean()), window=1)
+        for q in (10, 50, 90):
+            m.log_value(f"step_entropy_p{q}", float(np.percentile(step_entropy, q)), window=1)
+        m.log_value("step_entropy_values", step_entropy.tolist(), reduce="item_series", window=1)
+        # Confident errors: low-entropy steps (below the batch median) of failed trajectories.
+        confident_error = (step_entropy < np.median(step_entropy)) & (base < 0)
+        m.log_value("confident_error_share", float(confident_error.mean()), window=1)
+        m.log_value("train_turns", len(batch), window=1)
+        m.log_value("advantage_abs_mean", float(np.abs(step_adv).mean()), window=1)
+        if terms is not None:
+            for name, values in (("g", terms.g), ("f", terms.f_next[terms.has_next])):
+                if values.size:
+                    m.log_value(f"empg_{name}_mean", float(values.mean()), window=1)
+                    m.log_value(f"empg_{name}_min", float(values.min()), window=1)
+                    m.log_value(f"empg_{name}_max", float(values.max()), window=1)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate_splits(
+        self, splits: list[str] | None = None, episodes: int | None = None, seed: int = 12345
+    ) -> dict[str, dict[str, float]]:
+        """Success rate, mean score and length of the current policy on each split."""
+        exp = self.config.experiment
+        results = {}
+        for split in splits or exp.evaluation.splits:
+            requests = [EpisodeRequest(seed=seed + i, group=f"eval-{i}") for i in range(episodes or exp.evaluation.episodes)]
+            played = self.sample_episodes(requests, split=split, temperature=exp.evaluation.temperature)
+            results[split] = {
+                "success_rate": float(np.mean([e.won for e in played])) if played else 0.0,
+                "score_mean": float(np.mean([e.score for e in played])) if played else 0.0,
+                "episode_len_mean": float(np.mean([len(e.turns) for e in played])) if played else 0.0,
+                "episodes": float(len(played)),
+            }
+        return results
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        # Outside Tune, Trainable makes an empty log dir under ~/ray_results; metrics go to the
+        # run directory's TensorBoard instead, so do not leave it behind.
+        with contextlib.suppress(OSError):
+            os.rmdir(self.logdir)
+            os.rmdir(os.path.dirname(self.logdir))
+
+    # ---- state: add the task RNG so that a resumed run draws the same tasks ------------------
+    def get_state(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().get_state(*args, **kwargs)
+        state["task_rng"] = self._task_rng.bit_generator.state
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if "task_rng" in state:
+            self._task_rng.bit_generator.state = state["task_rng"]

@@ -1,0 +1,171 @@
+"""The experiment file schema: what a `tuned_examples/*.yaml` may say, validated before Ray starts.
+
+An unknown key names the nearest valid key; a value of the wrong type names the key and the
+type expected. `--set key=value` overrides use dotted paths into the same schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A problem in an experiment file; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class EMPGSettings(_Strict):
+    """EMPG modulation (EMPG.md); `enabled: false` gives the plain base algorithm."""
+
+    enabled: bool = True
+    k: float = 1.0
+    k_f: float = 1.0
+    zeta: float = 0.1
+    use_scaling: bool = True
+    use_bonus: bool = True
+    std_normalize: bool = False
+
+
+class EvaluationSettings(_Strict):
+    interval: int = Field(0, ge=0, description="evaluate every N iterations; 0: only when asked")
+    splits: list[str] = ["eval_seen", "eval_unseen"]
+    episodes: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class SFTSettings(_Strict):
+    """Behaviour cloning on expert demonstrations (the warm start of a from-scratch model)."""
+
+    episodes: int = Field(200, ge=1)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    split: str = "train"
+
+
+class Experiment(_Strict):
+    """Everything an EMPG experiment sets."""
+
+    name: str = "empg"
+    seed: int = 0
+    # model and engine
+    model: str = "tiny:"
+    engine: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # environment and rollouts
+    env: str = "alfworld"
+    env_config: dict[str, Any] = {}
+    tasks_per_batch: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=1)
+    max_turns: int = Field(10, ge=1)
+    history_turns: int = Field(2, ge=0)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    think: bool = False
+    max_concurrent_episodes: int = Field(32, ge=1)
+    # algorithm
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    loss: Literal["grpo", "dapo"] = "grpo"
+    empg: EMPGSettings = EMPGSettings()
+    clip_low: float | None = Field(None, gt=0)
+    clip_high: float | None = Field(None, gt=0)
+    kl_coef: float = Field(0.0, ge=0)
+    # optimisation
+    lr: float = Field(1e-4, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    num_epochs: int = Field(1, ge=1)
+    minibatch_size: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    # system
+    num_env_runners: int = Field(0, ge=0)
+    num_learners: int = Field(0, ge=0)
+    iterations: int = Field(10, ge=1)
+    checkpoint_every: int = Field(5, ge=0)
+    run_dir: str = "runs"
+    evaluation: EvaluationSettings = EvaluationSettings()
+    sft: SFTSettings = SFTSettings()
+
+    @model_validator(mode="after")
+    def _loss_defaults(self) -> "Experiment":
+        # DAPO's clip-higher (0.2 / 0.28) unless the file sets the bounds itself.
+        if self.clip_low is None:
+            self.clip_low = 0.2
+        if self.clip_high is None:
+            self.clip_high = 0.28 if self.loss == "dapo" else 0.2
+        return self
+
+    @property
+    def aggregation(self) -> str:
+        return "token_mean" if self.loss == "dapo" else "seq_mean_token_mean"
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    model: Any = Experiment
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})"
+    expected = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    return f"bad value for {key!r}: {error.get('input')!r}; expected {expected}"
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` / `a.b=value` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def validate(data: dict[str, Any]) -> Experiment:
+    """An `Experiment` from a raw dict, or a ConfigError naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"an experiment file must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("; ".join(_describe(e) for e in err.errors())) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate(apply_overrides(data, list(overrides or [])))

@@ -1,0 +1,156 @@
+"""Behaviour cloning on expert demonstrations: the warm start a from-scratch model needs.
+
+Demonstrations are the environments' experts playing the train split, turned into exactly the
+prompts the RL agent will see (same prompt builder, same history window) with the expert's
+action in the answer format as the target. Loss: cross-entropy on the response tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import envs
+from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response
+from empg_rllib.scoring import left_pad
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Demonstration:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    task_type: str
+
+
+def collect_demonstrations(
+    tokenizer: Any,
+    make_env: Callable[[], Any],
+    episodes: int,
+    prompt_config: PromptConfig,
+    seed: int = 0,
+) -> tuple[list[Demonstration], float]:
+    """Expert episodes -> one (prompt, response) pair per turn; returns them and the expert's
+    success rate (episodes the expert did not win are left out)."""
+    rng = random.Random(seed)
+    env = make_env()
+    demos: list[Demonstration] = []
+    wins = 0
+    try:
+        for _ in range(episodes):
+            obs, info = env.reset(seed=rng.randrange(2**31))
+            instruction, history, turns = info["instruction"], [], []
+            done = False
+            while not done:
+                action = envs.expert_action(env)
+                prompt = build_prompt_ids(
+                    tokenizer, instruction, obs, history, info.get("admissible_actions"), prompt_config
+                )
+                response = tokenizer.encode(format_response(action, think=prompt_config.think), add_special_tokens=False)
+                turns.append(Demonstration(prompt, response, info["task_type"]))
+                history.append(HistoryTurn(obs, action))
+                obs, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+            if info.get("won"):
+                wins += 1
+                demos.extend(turns)
+    finally:
+        env.close()
+    return demos, wins / max(episodes, 1)
+
+
+def train_sft(
+    model: Any,
+    demos: list[Demonstration],
+    pad_id: int,
+    epochs: int = 2,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    log: Callable[[dict[str, float]], None] | None = None,
+) -> list[float]:
+    """Cross-entropy on response tokens; returns the mean loss of each epoch."""
+    if not demos:
+        raise ValueError("no demonstrations to train on")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps_total = epochs * ((len(demos) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / steps_total))
+    model.train()
+    epoch_losses = []
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(demos), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), batch_size):
+            chunk = [demos[i] for i in order[start : start + batch_size]]
+            ids, mask = left_pad([d.prompt_ids + d.response_ids for d in chunk], pad_id)
+            labels = torch.full_like(ids, -100)
+            for row, d in enumerate(chunk):
+                labels[row, ids.shape[1] - len(d.response_ids) :] = ids[row, ids.shape[1] - len(d.response_ids) :]
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(out.loss.detach()))
+            step += 1
+            if log is not None:
+                log({"step": step, "epoch": epoch, "loss": losses[-1]})
+        epoch_losses.append(sum(losses) / len(losses))
+    model.eval()
+    return epoch_losses
+
+
+def save_model_atomically(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Warm-start `exp.model` on expert demonstrations of `exp.env`; save the result to `out_dir`."""
+    from empg_rllib import models
+
+    started = time.perf_counter()
+    tokenizer, model = models.load(exp.model)
+    prompt_config = PromptConfig(history_turns=exp.history_turns, think=exp.think)
+    env_config = {**exp.env_config, "split": exp.sft.split, "max_turns": exp.max_turns}
+    demos, expert_success = collect_demonstrations(
+        tokenizer, lambda: envs.make(exp.env, **env_config), exp.sft.episodes, prompt_config, seed=exp.seed
+    )
+    collected = time.perf_counter()
+    torch.manual_seed(exp.seed)
+    losses = train_sft(
+        model, demos, tokenizer.pad_token_id, exp.sft.epochs, exp.sft.lr, exp.sft.batch_size, exp.seed, log
+    )
+    path = save_model_atomically(model, tokenizer, out_dir)
+    return {
+        "model": str(path),
+        "demonstrations": len(demos),
+        "expert_success": expert_success,
+        "epoch_losses": losses,
+        "collect_s": collected - started,
+        "train_s": time.perf_counter() - collected,
+    }

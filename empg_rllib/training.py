@@ -1,0 +1,187 @@
+"""Running experiments: Ray session, atomic checkpoints, resume, TensorBoard, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import yaml
+
+from empg_rllib.experiment import Experiment, validate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    """A local Ray instance whose temp files stay under $RAY_TMPDIR (default: a fresh temp dir)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    own_tmp = None
+    if "RAY_TMPDIR" not in os.environ:
+        own_tmp = tempfile.mkdtemp(prefix="empg-ray-")
+        os.environ["RAY_TMPDIR"] = own_tmp
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
+            os.environ.pop("RAY_TMPDIR", None)
+
+
+def build_algorithm(exp: Experiment, model_path: str | os.PathLike):
+    from empg_rllib.algorithm import EMPGConfig
+
+    return EMPGConfig().experiment_from(exp, str(model_path)).build_algo()
+
+
+def run_dir_of(exp: Experiment) -> Path:
+    return Path(exp.run_dir) / exp.name
+
+
+def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) -> Path:
+    """Write a checkpoint atomically: into a staging dir, then one rename."""
+    final = run_dir / f"{CHECKPOINT_PREFIX}{algo.iteration:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
+    try:
+        algo.save_to_path(str(staging / "algorithm"))
+        (staging / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(), sort_keys=False))
+        (staging / "model_path.txt").write_text(str(model_path))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "algorithm").is_dir())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Experiment, str]:
+    path = Path(path)
+    if not (path / "algorithm").is_dir() or not (path / "experiment.yaml").exists():
+        raise FileNotFoundError(f"{path} is not an empg checkpoint (no algorithm/ and experiment.yaml)")
+    exp = validate(yaml.safe_load((path / "experiment.yaml").read_text()))
+    return exp, (path / "model_path.txt").read_text().strip()
+
+
+def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Scalar leaves of a nested result dict as 'a/b/c' keys."""
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                out[name] = float(value)
+        elif hasattr(value, "item") and getattr(value, "size", 2) == 1:
+            scalar = float(value.item())
+            if math.isfinite(scalar):
+                out[name] = scalar
+    return out
+
+
+SUMMARY_KEYS = {
+    "success": "env_runners/success_rate",
+    "return": "env_runners/episode_return_mean",
+    "len": "env_runners/episode_len_mean",
+    "invalid": "env_runners/invalid_action_rate",
+    "steps/s": "env_runners/env_steps_per_s",
+    "tokens/s": "env_runners/generated_tokens_per_s",
+    "H_step": "step_entropy_mean",
+    "loss": "learners/default_policy/policy_loss",
+}
+
+
+def train(
+    exp: Experiment,
+    model_path: str,
+    resume: bool = False,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train for `exp.iterations`, checkpointing every `exp.checkpoint_every`; returns a summary."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = run_dir_of(exp)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    algo = build_algorithm(exp, model_path)
+    try:
+        if resume:
+            checkpoint = latest_checkpoint(run_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+            algo.restore_from_path(str(checkpoint / "algorithm"))
+            logger.info("resumed from %s at iteration %d", checkpoint, algo.iteration)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=algo.iteration + 1)
+        history = []
+        while algo.iteration < exp.iterations:
+            result = algo.train()
+            iteration = algo.iteration
+            scalars = flatten({k: v for k, v in result.items() if k not in ("config", "step_entropy_values")})
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, iteration)
+            entropies = result.get("step_entropy_values")
+            if entropies:
+                values = entropies[-1] if isinstance(entropies[0], list) else entropies
+                writer.add_histogram("step_entropy", np.asarray(values), iteration)
+            writer.flush()
+            history.append({"iteration": iteration, **{k: scalars.get(v) for k, v in SUMMARY_KEYS.items()}})
+            if on_iteration:
+                on_iteration(iteration, scalars)
+            if exp.checkpoint_every and iteration % exp.checkpoint_every == 0:
+                save_checkpoint(algo, run_dir, exp, model_path)
+        final = save_checkpoint(algo, run_dir, exp, model_path)
+        writer.close()
+        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        return {"checkpoint": str(final), "iterations": algo.iteration, "history": history}
+    finally:
+        algo.stop()
+
+
+def evaluate(
+    checkpoint: str | os.PathLike, splits: list[str], episodes: int, seed: int = 12345
+) -> dict[str, dict[str, float]]:
+    exp, model_path = load_checkpoint(checkpoint)
+    algo = build_algorithm(exp, model_path)
+    try:
+        algo.restore_from_path(str(Path(checkpoint) / "algorithm"))
+        return algo.evaluate_splits(splits, episodes, seed=seed)
+    finally:
+        algo.stop()
+
+
+def evaluate_model(exp: Experiment, model_path: str, splits: list[str], episodes: int, seed: int = 12345):
+    """Evaluate a model directory (e.g. right after SFT) with the experiment's settings."""
+    algo = build_algorithm(exp, model_path)
+    try:
+        return algo.evaluate_splits(splits, episodes, seed=seed)
+    finally:
+        algo.stop()

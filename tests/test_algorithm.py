@@ -1,0 +1,215 @@
+"""EMPG on RLlib: one iteration per algorithm and environment, the advantage that reaches the loss,
+resume equivalence, env-runner death, crashed environments and non-finite losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from empg_rllib import models
+from empg_rllib.advantages import empg_modulate, group_advantages
+from empg_rllib.experiment import validate
+from empg_rllib.scoring import score_responses
+from empg_rllib.training import build_algorithm, latest_checkpoint, ray_session, train
+
+SMALL = {
+    "tasks_per_batch": 2,
+    "group_size": 2,
+    "max_turns": 3,
+    "max_new_tokens": 12,
+    "micro_batch_size": 4,
+    "checkpoint_every": 0,
+    "iterations": 1,
+}
+ENVS = {"alfworld": {}, "webshop": {}, "deepsearch": {}, "twx/coin": {}}
+ALGORITHMS = {
+    "grpo": {"loss": "grpo", "empg": {"enabled": False}, "kl_coef": 0.01},
+    "dapo": {"loss": "dapo", "empg": {"enabled": False}},
+    "dapo+empg": {"loss": "dapo", "empg": {"enabled": True}},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return str(models.resolve_model("tiny:"))
+
+
+def experiment(tmp_path, **overrides):
+    return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
+
+
+def lm_weights(algo) -> dict[str, torch.Tensor]:
+    module = algo.learner_group._learner.module["default_policy"]
+    return {k: v.detach().clone() for k, v in module.lm.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", list(ENVS))
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_one_iteration_every_algorithm_and_env(ray_cluster, model_path, tmp_path, env, name):
+    exp = experiment(tmp_path, env=env, **ALGORITHMS[name])
+    algo = build_algorithm(exp, model_path)
+    try:
+        before = lm_weights(algo)
+        result = algo.train()
+        runners = result["env_runners"]
+        assert runners["num_episodes"] == exp.tasks_per_batch * exp.group_size
+        assert 0.0 <= runners["success_rate"] <= 1.0
+        assert result["sampler_learner_logp_gap_mean"] < 1e-3  # same fp32 weights on both sides
+        if "dropped_groups" in result and result["dropped_groups"] == exp.tasks_per_batch:
+            return  # DAPO dropped every group (all rewards equal): nothing to learn from
+        after = lm_weights(algo)
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    finally:
+        algo.stop()
+
+
+def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
+    """The fast-suite version of the matrix above: EMPG with GRPO and KL on deepsearch."""
+    exp = experiment(tmp_path, env="deepsearch", kl_coef=0.01)
+    algo = build_algorithm(exp, model_path)
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    assert result["env_runners"]["num_episodes"] == 4
+    assert result["empg_g_mean"] == pytest.approx(1.0, abs=1e-6)
+    for key in ("step_entropy_p50", "confident_error_share", "weight_sync_s", "sampler_learner_logp_gap_mean"):
+        assert np.isfinite(result[key]), key
+    assert result["learners"]["default_policy"]["kl"] >= 0
+
+
+def test_advantage_reaching_the_loss_is_empg_of_the_step(ray_cluster, model_path, tmp_path):
+    exp = experiment(tmp_path, env="deepsearch", tasks_per_batch=3, group_size=3, max_turns=4, empg={"zeta": 0.5, "k": 2.0})
+    algo = build_algorithm(exp, model_path)
+    seen: dict = {}
+    try:
+        learner = algo.learner_group._learner
+        compute_loss = learner.compute_loss_for_module
+
+        def recording_loss(*, module_id, config, batch, fwd_out):
+            seen.setdefault("token_adv", []).append(batch["token_adv"].numpy().copy())
+            seen.setdefault("resp_mask", []).append(batch["resp_mask"].numpy().copy())
+            return compute_loss(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+
+        learner.compute_loss_for_module = recording_loss
+        sample = algo.sample_episodes
+
+        def recording_sample(requests, **kwargs):
+            seen["episodes"] = sample(requests, **kwargs)
+            return seen["episodes"]
+
+        algo.sample_episodes = recording_sample
+        tokenizer, model = models.load(model_path)
+        algo.train()
+    finally:
+        algo.stop()
+
+    # Independently: group advantages from outcomes, step entropies from a teacher-forced pass of
+    # the initial weights at the sampling temperature, then empg_modulate over all steps.
+    episodes = seen["episodes"]
+    turns = [(i, t, turn) for i, ep in enumerate(episodes) for t, turn in enumerate(ep.turns)]
+    _, entropies = score_responses(
+        model, [x[2].prompt_ids for x in turns], [x[2].response_ids for x in turns], tokenizer.pad_token_id, exp.temperature
+    )
+    base = group_advantages([e.reward for e in episodes], [e.group for e in episodes])
+    expected = empg_modulate(
+        [np.mean(h) for h in entropies],
+        [x[0] for x in turns],
+        [x[1] for x in turns],
+        base[[x[0] for x in turns]],
+        k=2.0,
+        zeta=0.5,
+    )
+    token_adv = np.concatenate([a for a in seen["token_adv"]])
+    resp_mask = np.concatenate([m for m in seen["resp_mask"]])
+    assert len(token_adv) == len(turns)
+    for row, (_, _, turn) in enumerate(turns):
+        values = token_adv[row][resp_mask[row] > 0]
+        assert len(values) == len(turn.response_ids)
+        # Entropies agree to ~1e-6 between the two passes (different padding widths), but batch
+        # min-max normalisation over an untrained model's narrow entropy range amplifies that;
+        # a wiring error (wrong step, wrong trajectory, per-shard statistics) is off by ~0.1.
+        np.testing.assert_allclose(values, expected[row], rtol=1e-2, atol=1e-3)
+
+
+def test_resume_continues_exactly(ray_cluster, model_path, tmp_path):
+    exp = experiment(tmp_path / "a", env="deepsearch", iterations=2, checkpoint_every=1)
+    train(exp, model_path)
+    first = latest_checkpoint(tmp_path / "a" / exp.name)
+    assert first is not None and first.name == "checkpoint_000002"
+    uninterrupted = build_algorithm(exp, model_path)
+    try:
+        uninterrupted.restore_from_path(str(first / "algorithm"))
+        final_weights = lm_weights(uninterrupted)
+    finally:
+        uninterrupted.stop()
+
+    # Remove the final checkpoint: --resume then continues from iteration 1 and must land on
+    # the same weights as the run that never stopped.
+    import shutil
+
+    shutil.rmtree(first)
+    assert latest_checkpoint(tmp_path / "a" / exp.name).name == "checkpoint_000001"
+    summary = train(exp, model_path, resume=True)
+    assert summary["iterations"] == 2 and len(summary["history"]) == 1
+    resumed = build_algorithm(exp, model_path)
+    try:
+        resumed.restore_from_path(str(latest_checkpoint(tmp_path / "a" / exp.name) / "algorithm"))
+        resumed_weights = lm_weights(resumed)
+    finally:
+        resumed.stop()
+    for key, value in final_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=1e-6)
+
+
+def test_resume_without_checkpoint_is_an_error(ray_cluster, model_path, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(experiment(tmp_path, env="deepsearch"), model_path, resume=True)
+
+
+def test_killed_env_runner_is_restarted_and_counted(ray_cluster, model_path, tmp_path):
+    import ray
+
+    exp = experiment(tmp_path, env="deepsearch", num_env_runners=1, iterations=3)
+    algo = build_algorithm(exp, model_path)
+    try:
+        algo.train()
+        actor = algo.env_runner_group._worker_manager.actors()[1]
+        ray.kill(actor, no_restart=False)
+        result = algo.train()
+        assert result["env_runners"]["num_episodes"] == exp.tasks_per_batch * exp.group_size
+        assert algo.env_runner_group.num_remote_worker_restarts() >= 1
+        assert result["env_runners"]["num_env_runner_restarts"] >= 1
+    finally:
+        algo.stop()
+
+
+def test_non_finite_loss_skips_the_update(ray_cluster, model_path, tmp_path):
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    algo = build_algorithm(experiment(tmp_path, env="deepsearch"), model_path)
+    try:
+        before = lm_weights(algo)
+        ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "resp_mask": np.array([[0, 1, 1]], dtype=np.float32),
+            "old_logp": np.zeros((1, 3), dtype=np.float32),
+            "token_adv": np.array([[0, np.nan, 1.0]], dtype=np.float32),
+        }
+        results = algo.learner_group.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=1))
+        assert results["default_policy"]["skipped_update"] == 1
+        after = lm_weights(algo)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    finally:
+        algo.stop()

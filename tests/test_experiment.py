@@ -1,0 +1,61 @@
+"""Experiment YAML validation: errors name the key before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from empg_rllib.experiment import ConfigError, Experiment, load, validate
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "tuned_examples").glob("*.yaml"))
+
+
+def test_unknown_key_names_nearest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'group_sise'.*did you mean 'group_size'"):
+        validate({"group_sise": 8})
+
+
+def test_unknown_nested_key_names_nearest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'empg.zetta'.*did you mean 'empg.zeta'"):
+        validate({"empg": {"zetta": 0.1}})
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'tasks_per_batch'.*'many'.*integer"):
+        validate({"tasks_per_batch": "many"})
+    with pytest.raises(ConfigError, match=r"'empg.k'.*number"):
+        validate({"empg": {"k": [1]}})
+    with pytest.raises(ConfigError, match=r"'loss'.*'grpo' or 'dapo'"):
+        validate({"loss": "ppo"})
+
+
+def test_dapo_defaults_to_clip_higher():
+    assert (validate({"loss": "dapo"}).clip_low, validate({"loss": "dapo"}).clip_high) == (0.2, 0.28)
+    assert validate({"loss": "grpo"}).clip_high == 0.2
+    assert validate({"loss": "dapo", "clip_high": 0.3}).clip_high == 0.3
+    assert validate({"loss": "dapo"}).aggregation == "token_mean"
+
+
+def test_overrides_and_missing_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("env: webshop\nempg: {k: 2.0}\n")
+    exp = load(path, ["empg.zeta=0.3", "group_size=2"])
+    assert (exp.env, exp.empg.k, exp.empg.zeta, exp.group_size) == ("webshop", 2.0, 0.3, 2)
+    with pytest.raises(ConfigError, match="not key=value"):
+        load(path, ["group_size"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.yaml")
+    path.write_text("env: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(path)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_tuned_examples_validate_and_name_known_envs(path):
+    import envs
+
+    exp = load(path)
+    assert isinstance(exp, Experiment)
+    known = envs.list()
+    assert exp.env in known or any(exp.env.startswith(k.removesuffix("<game>")) for k in known if k.endswith("<game>"))
