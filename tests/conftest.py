@@ -21,6 +21,9 @@ _ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Importing alfworld creates ~/.cache/alfworld unless this is set; the env ignores a folder
+    # without the official json_2.1.1/ layout, so an empty temp dir is safe.
+    "ALFWORLD_DATA": os.path.join(_ROOT, "alfworld-data"),
     "JAVA_TOOL_OPTIONS": f"-XX:-UsePerfData -Djava.io.tmpdir={_ROOT}",
 }
 for _key, _value in _ENV.items():
