@@ -76,6 +76,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     console = _console()
     model_path = str(models.resolve_model(exp.model))
+    if exp.warm_start == "sft":
+        from empg_rllib.sft import run_sft
+
+        sft_dir = Path(exp.run_dir) / exp.name / "sft_model"
+        if not (sft_dir / "config.json").exists():
+            with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
+                run_sft(exp, sft_dir)
+        model_path = str(sft_dir)
+        console.print(f"warm start: {model_path}")
     with ray_session():
         summary = train(exp, model_path, resume=args.resume, on_iteration=_progress_printer(console, exp))
     console.print(f"checkpoint: {summary['checkpoint']}  (TensorBoard: {exp.run_dir}/{exp.name}/tensorboard)")

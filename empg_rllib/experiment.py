@@ -49,6 +49,7 @@ class SFTSettings(_Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     split: str = "train"
+    bf16_autocast: bool = True
 
 
 class Experiment(_Strict):
@@ -58,6 +59,7 @@ class Experiment(_Strict):
     seed: int = 0
     # model and engine
     model: str = "tiny:"
+    warm_start: Literal["none", "sft"] = "none"  # sft: behaviour-clone the expert before RL
     engine: Literal["hf", "vllm"] = "hf"
     dtype: Literal["float32", "bfloat16"] = "float32"
     # environment and rollouts

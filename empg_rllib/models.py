@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from envs.core import cache_dir
+from empg_rllib.fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _expert_episode_text(env_id: str, episodes: int, seed: int) -> Iterator[str]
 
 
 def corpus(
-    env_ids: Iterable[str] = DEFAULT_CORPUS_ENVS, episodes_per_env: int = 24, seed: int = 0
+    env_ids: Iterable[str] = DEFAULT_CORPUS_ENVS, episodes_per_env: int = 4, seed: int = 0
 ) -> list[str]:
     """Text for tokenizer training: prompts, the answer format and expert episodes of `env_ids`."""
     from empg_rllib.prompting import PromptConfig, format_instructions
@@ -173,9 +174,7 @@ def make_model(
     texts = corpus(corpus_envs, seed=seed)
     tokenizer = build_tokenizer(texts, MODEL_SIZES[size].vocab_size)
     model = build_model(size, tokenizer, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         tokenizer.save_pretrained(staging)
         model.save_pretrained(staging)
         (staging / "empg_model.json").write_text(
@@ -184,17 +183,7 @@ def make_model(
                 indent=2,
             )
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("EMPG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "empg-rllib")
-    return Path(root) / "models"
 
 
 def resolve_model(spec: str) -> Path:
@@ -209,7 +198,7 @@ def resolve_model(spec: str) -> Path:
                 raise ValueError(f"bad model spec {spec!r}: expected '{size}:' or '{size}:seed=N'")
             seed = int(value)
         key = hashlib.sha1(json.dumps([size, seed, asdict(MODEL_SIZES[size])]).encode()).hexdigest()[:10]
-        path = _cache_root() / f"{size}-seed{seed}-{key}"
+        path = cache_dir("models") / f"{size}-seed{seed}-{key}"
         if not (path / "config.json").exists():
             logger.info("building offline %s model into %s", size, path)
             make_model(size, path, seed=seed)

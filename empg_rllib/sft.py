@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 import envs
+from empg_rllib.fileio import atomic_directory
 from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response
 from empg_rllib.scoring import left_pad
 
@@ -78,8 +77,13 @@ def train_sft(
     batch_size: int = 16,
     seed: int = 0,
     log: Callable[[dict[str, float]], None] | None = None,
+    bf16_autocast: bool = False,
 ) -> list[float]:
-    """Cross-entropy on response tokens; returns the mean loss of each epoch."""
+    """Cross-entropy on response tokens; returns the mean loss of each epoch.
+
+    `bf16_autocast` runs the forward pass under bf16 autocast (about 1.5x faster on CPUs with
+    AVX-512 bf16); the weights and optimizer state stay fp32.
+    """
     if not demos:
         raise ValueError("no demonstrations to train on")
     generator = torch.Generator().manual_seed(seed)
@@ -99,7 +103,8 @@ def train_sft(
             for row, d in enumerate(chunk):
                 labels[row, ids.shape[1] - len(d.response_ids) :] = ids[row, ids.shape[1] - len(d.response_ids) :]
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels)
+            with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -114,19 +119,12 @@ def train_sft(
     return epoch_losses
 
 
-def save_model_atomically(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+    """save_pretrained of model and tokenizer into `out_dir`, written atomically."""
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -143,9 +141,17 @@ def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float
     collected = time.perf_counter()
     torch.manual_seed(exp.seed)
     losses = train_sft(
-        model, demos, tokenizer.pad_token_id, exp.sft.epochs, exp.sft.lr, exp.sft.batch_size, exp.seed, log
+        model,
+        demos,
+        tokenizer.pad_token_id,
+        exp.sft.epochs,
+        exp.sft.lr,
+        exp.sft.batch_size,
+        exp.seed,
+        log,
+        bf16_autocast=exp.sft.bf16_autocast,
     )
-    path = save_model_atomically(model, tokenizer, out_dir)
+    path = save_model(model, tokenizer, out_dir)
     return {
         "model": str(path),
         "demonstrations": len(demos),

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from empg_rllib.experiment import Experiment, validate
+from empg_rllib.fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +67,10 @@ def run_dir_of(exp: Experiment) -> Path:
 def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) -> Path:
     """Write a checkpoint atomically: into a staging dir, then one rename."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{algo.iteration:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
-    try:
+    with atomic_directory(final) as staging:
         algo.save_to_path(str(staging / "algorithm"))
         (staging / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(), sort_keys=False))
         (staging / "model_path.txt").write_text(str(model_path))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
