@@ -70,7 +70,7 @@ def _progress_printer(console, exp):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from empg_rllib import models
-    from empg_rllib.training import ray_session, train
+    from empg_rllib.training import ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
     _quiet_libraries()
@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if exp.warm_start == "sft":
         from empg_rllib.sft import run_sft
 
-        sft_dir = Path(exp.run_dir) / exp.name / "sft_model"
+        sft_dir = run_dir_of(exp) / "sft_model"
         if not (sft_dir / "config.json").exists():
             with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
                 run_sft(exp, sft_dir)
@@ -122,10 +122,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from empg_rllib.sft import run_sft
+    from empg_rllib.training import run_dir_of
 
     exp = _load_experiment(args.experiment, args.set)
     _quiet_libraries()
-    out = args.out or f"{exp.run_dir}/{exp.name}/sft_model"
+    out = args.out or run_dir_of(exp) / "sft_model"
     summary = run_sft(exp, out)
     _console().print(
         f"SFT: {summary['demonstrations']} demonstration turns (expert success {summary['expert_success']:.0%}), "
@@ -138,18 +139,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: tiny model -> SFT warm start -> EMPG RL -> evaluation, one table."""
     import json
-    import time
-    from pathlib import Path
 
     from empg_rllib import models
     from empg_rllib.sft import run_sft
-    from empg_rllib.training import evaluate, evaluate_model, ray_session, train
+    from empg_rllib.training import evaluate, evaluate_model, ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
     _quiet_libraries()
     console = _console()
     started = time.perf_counter()
-    run_dir = Path(exp.run_dir) / exp.name
+    run_dir = run_dir_of(exp)
     console.rule(f"empg demo: {exp.name} ({exp.env}, seed {exp.seed})")
     with console.status(f"building the offline model {exp.model!r}"):
         base_model = str(models.resolve_model(exp.model))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
+from envs import EnvCrashed
 from empg_rllib.inference.base import InferenceEngine, SamplingParams
 from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, parse_response
 
@@ -110,8 +111,6 @@ def run_episodes(
     `stats.crashed_episodes`. Healthy environments are closed at the end, or handed back in
     `keep_envs` for reuse.
     """
-    from envs import EnvCrashed  # envs is a sibling package; imported lazily to keep this module light
-
     prompt_config = prompt_config or PromptConfig()
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()

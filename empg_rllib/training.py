@@ -61,7 +61,8 @@ def build_algorithm(exp: Experiment, model_path: str | os.PathLike):
 
 
 def run_dir_of(exp: Experiment) -> Path:
-    return Path(exp.run_dir) / exp.name
+    # Absolute: RLlib's checkpointing goes through pyarrow, which rejects relative paths.
+    return (Path(exp.run_dir) / exp.name).resolve()
 
 
 def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) -> Path:

@@ -59,3 +59,17 @@ def test_tuned_examples_validate_and_name_known_envs(path):
     assert isinstance(exp, Experiment)
     known = envs.list()
     assert exp.env in known or any(exp.env.startswith(k.removesuffix("<game>")) for k in known if k.endswith("<game>"))
+
+
+def test_cli_rejects_bad_yaml_before_ray_starts(tmp_path):
+    import ray
+
+    from empg_rllib.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("env: alfworld\ngroup_sise: 8\n")
+    with pytest.raises(SystemExit, match="did you mean 'group_size'"):
+        main(["train", str(path)])
+    with pytest.raises(SystemExit, match=r"'lr'.*number"):
+        main(["train", str(path), "--set", "group_sise=", "--set", "lr=fast"])
+    assert not ray.is_initialized()
