@@ -50,6 +50,7 @@ class SFTSettings(_Strict):
     batch_size: int = Field(16, ge=1)
     split: str = "train"
     bf16_autocast: bool = True
+    prompt_loss_weight: float = Field(0.0, ge=0)  # >0: also model the prompt text (from-scratch models)
 
 
 class Experiment(_Strict):

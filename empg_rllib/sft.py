@@ -78,9 +78,14 @@ def train_sft(
     seed: int = 0,
     log: Callable[[dict[str, float]], None] | None = None,
     bf16_autocast: bool = False,
+    prompt_loss_weight: float = 0.0,
 ) -> list[float]:
-    """Cross-entropy on response tokens; returns the mean loss of each epoch.
+    """Cross-entropy on response tokens; returns the mean response loss of each epoch.
 
+    `prompt_loss_weight` > 0 adds language modelling of the prompt tokens (observations,
+    admissible actions) with that weight: for a model trained from scratch this is most of the
+    signal per forward pass, and predicting list items it has seen earlier in the prompt is
+    exactly the copying skill that choosing an admissible action needs.
     `bf16_autocast` runs the forward pass under bf16 autocast (about 1.5x faster on CPUs with
     AVX-512 bf16); the weights and optimizer state stay fp32.
     """
@@ -99,18 +104,26 @@ def train_sft(
         for start in range(0, len(order), batch_size):
             chunk = [demos[i] for i in order[start : start + batch_size]]
             ids, mask = left_pad([d.prompt_ids + d.response_ids for d in chunk], pad_id)
-            labels = torch.full_like(ids, -100)
+            # Weights of the predicted tokens ids[:, 1:]: 1 on the response, prompt_loss_weight
+            # on the prompt, 0 on padding.
+            response = torch.zeros_like(ids, dtype=torch.float32)
             for row, d in enumerate(chunk):
-                labels[row, ids.shape[1] - len(d.response_ids) :] = ids[row, ids.shape[1] - len(d.response_ids) :]
+                response[row, ids.shape[1] - len(d.response_ids) :] = 1.0
+            weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
+            )
+            loss = (token_loss * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(out.loss.detach()))
+            response_w = response[:, 1:]
+            losses.append(float((token_loss.detach() * response_w).sum() / response_w.sum()))
             step += 1
             if log is not None:
                 log({"step": step, "epoch": epoch, "loss": losses[-1]})
@@ -150,6 +163,7 @@ def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float
         exp.seed,
         log,
         bf16_autocast=exp.sft.bf16_autocast,
+        prompt_loss_weight=exp.sft.prompt_loss_weight,
     )
     path = save_model(model, tokenizer, out_dir)
     return {

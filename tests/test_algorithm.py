@@ -208,7 +208,7 @@ def test_non_finite_loss_skips_the_update(ray_cluster, model_path, tmp_path):
             "token_adv": np.array([[0, np.nan, 1.0]], dtype=np.float32),
         }
         results = algo.learner_group.update(batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=1))
-        assert results["default_policy"]["skipped_update"] == 1
+        assert results[0]["default_policy"]["skipped_update"] == 1
         after = lm_weights(algo)
         assert all(torch.equal(before[k], after[k]) for k in before)
     finally:

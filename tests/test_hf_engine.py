@@ -17,8 +17,8 @@ def engine(tiny_model):
 
 
 def _prompts(tokenizer):
-    texts = ["go", "You are in a room. Your task is to put a mug in the fridge.", "search[red shoes] then buy"]
-    return [tokenizer.encode(t) for t in texts] + [tokenizer.encode("look around")[:1]]
+    text = tokenizer.encode("You are in a room. Your task is to put a mug in the fridge, then search[red shoes] and buy.")
+    return [text[:n] for n in (1, 4, 9, 17)]
 
 
 def test_logprobs_and_entropies_match_teacher_forcing(engine):
