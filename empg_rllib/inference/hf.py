@@ -36,6 +36,7 @@ class HFEngine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         self.weights_version = 0
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._stop_cache: dict[tuple[tuple[str, ...], int], torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str = "float32", **kwargs: Any) -> "HFEngine":
@@ -69,6 +70,19 @@ class HFEngine:
             completions.extend(self._generate_batch(prompts[start : start + self.max_batch_size], params, generator))
         return completions
 
+    def _stop_candidates(self, stops: tuple[str, ...], vocab_size: int) -> torch.Tensor:
+        """Bool per vocabulary id: the token's text holds the last character of a stop string.
+        Ids past the tokenizer (padded embedding rows) never complete one."""
+        key = (tuple(stops), vocab_size)
+        if key not in self._stop_cache:
+            last_chars = {s[-1] for s in stops if s}
+            known = min(len(self.tokenizer), vocab_size)
+            texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(known)]
+            mask = torch.zeros(vocab_size, dtype=torch.bool)
+            mask[:known] = torch.tensor([any(c in t for c in last_chars) for t in texts], dtype=torch.bool)
+            self._stop_cache[key] = mask
+        return self._stop_cache[key]
+
     def _stopped_on_string(self, ids: list[int], stops: tuple[str, ...]) -> bool:
         if not stops:
             return False
@@ -91,34 +105,33 @@ class HFEngine:
         past, logits = out.past_key_values, out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
 
-        sampled: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        entropies: list[list[float]] = [[] for _ in range(batch)]
+        # Per-step results stay tensors; rows are cut to their length once at the end.
+        step_tokens, step_logp, step_entropy = [], [], []
+        lengths = torch.zeros(batch, dtype=torch.long)
         finish: list[FinishReason | None] = [None] * batch
-        for _ in range(params.max_new_tokens):
+        live = torch.ones(batch, dtype=torch.bool)
+        can_end_stop = self._stop_candidates(params.stop, logits.shape[-1])
+        for step in range(params.max_new_tokens):
             log_p = torch.log_softmax(logits.float() / params.temperature, dim=-1)
             entropy = -(log_p.exp() * log_p).sum(-1)
             tokens = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(self.device)
-            token_logp = log_p.gather(-1, tokens).squeeze(-1)
-            for row in range(batch):
-                if finish[row] is not None:
-                    continue
-                token = int(tokens[row])
-                sampled[row].append(token)
-                logprobs[row].append(float(token_logp[row]))
-                entropies[row].append(float(entropy[row]))
-                if token == self.eos_token_id:
-                    finish[row] = "eos"
-                elif self._stopped_on_string(sampled[row], params.stop):
-                    finish[row] = "stop"
-            if all(f is not None for f in finish):
+            step_tokens.append(tokens.squeeze(-1).cpu())
+            step_logp.append(log_p.gather(-1, tokens).squeeze(-1).cpu())
+            step_entropy.append(entropy.cpu())
+            lengths += live.long()
+            new = step_tokens[-1]
+            for row in torch.nonzero(live & (new == self.eos_token_id)).flatten().tolist():
+                finish[row], live[row] = "eos", False
+            # Only a token holding the stop string's last character can complete it.
+            for row in torch.nonzero(live & can_end_stop[new]).flatten().tolist():
+                ids = torch.stack(step_tokens)[:, row].tolist()
+                if self._stopped_on_string(ids, params.stop):
+                    finish[row], live[row] = "stop", False
+            if not live.any() or step == params.max_new_tokens - 1:
                 break
             # Finished rows keep receiving pad tokens: the batch shape stays fixed and their
             # outputs are ignored.
-            feed = tokens.clone()
-            for row, reason in enumerate(finish):
-                if reason is not None:
-                    feed[row] = self.pad_token_id
+            feed = torch.where(live.to(self.device).unsqueeze(-1), tokens, torch.full_like(tokens, self.pad_token_id))
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
             out = self.model(
                 input_ids=feed,
@@ -130,6 +143,12 @@ class HFEngine:
             past, logits = out.past_key_values, out.logits[:, -1, :]
             next_position = next_position + 1
 
+        all_tokens = torch.stack(step_tokens, dim=1).tolist()
+        all_logp = torch.stack(step_logp, dim=1).tolist()
+        all_entropy = torch.stack(step_entropy, dim=1).tolist()
+        sampled = [all_tokens[row][: lengths[row]] for row in range(batch)]
+        logprobs = [all_logp[row][: lengths[row]] for row in range(batch)]
+        entropies = [all_entropy[row][: lengths[row]] for row in range(batch)]
         return [
             Completion(
                 token_ids=sampled[row],
