@@ -86,6 +86,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if requests is None:
             rng = np.random.default_rng([self.experiment.seed, self.worker_index, self.num_env_steps_sampled_lifetime])
             requests = [EpisodeRequest(seed=int(s)) for s in rng.integers(0, 2**31, num_episodes or 1)]
+        if not requests:
+            return []  # a runner with no groups this round logs nothing (no zero throughput)
         pool = self._idle_envs[split]
         stats = RolloutStats()
         episodes = run_episodes(
