@@ -64,8 +64,12 @@ class EMPGConfig(AlgorithmConfig):
         self.learners(num_learners=exp.num_learners)
         return self
 
+    def model_json(self) -> dict[str, Any]:
+        """The model directory's config.json (vocabulary size, context length, special ids)."""
+        return json.loads((Path(self.model_path) / "config.json").read_text())
+
     def token_spaces(self):
-        config = json.loads((Path(self.model_path) / "config.json").read_text())
+        config = self.model_json()
         return token_spaces(
             config["vocab_size"], config.get("max_position_embeddings", 4096), self.experiment.max_new_tokens
         )
@@ -100,12 +104,9 @@ class EMPG(Algorithm):
         super().setup(config)
         exp = self.config.experiment
         self._task_rng = np.random.default_rng(exp.seed)
-        self._pad_id = self._read_pad_id()
-
-    def _read_pad_id(self) -> int:
-        config = json.loads((Path(self.config.model_path) / "config.json").read_text())
-        pad = config.get("pad_token_id")
-        return int(pad if pad is not None else config.get("eos_token_id", 0))
+        model = self.config.model_json()
+        pad = model.get("pad_token_id")
+        self._pad_id = int(pad if pad is not None else model.get("eos_token_id", 0))
 
     # ---- sampling --------------------------------------------------------------------------
     def _draw_groups(self) -> list[EpisodeRequest]:

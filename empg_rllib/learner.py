@@ -17,6 +17,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from empg_rllib.losses import policy_loss, token_logprobs
+from empg_rllib.scoring import position_ids
 
 #: Batch columns, all [rows, tokens] except where noted. Token columns are aligned with
 #: input_ids[:, 1:] (position p predicts token p + 1).
@@ -61,9 +62,7 @@ class EMPGTorchLearner(TorchLearner):
             out["token_entropy"].append(fwd["token_entropy"].float().cpu().numpy())
             if self._reference is not None:
                 ids, mask = sub["input_ids"], sub["attention_mask"]
-                logits = self._reference(
-                    input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-                ).logits[:, :-1]
+                logits = self._reference(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
                 out["ref_logp"].append(token_logprobs(logits, ids[:, 1:], module.temperature).cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items() if v}
 

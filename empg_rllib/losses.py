@@ -27,6 +27,16 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and `token_entropy` from one log-softmax over the vocabulary (the
+    expensive part of both)."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return logp, -(log_probs.exp() * log_probs).sum(-1)
+
+
 def masked_aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,

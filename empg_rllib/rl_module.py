@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from empg_rllib.losses import token_entropy, token_logprobs
+from empg_rllib.losses import token_logprobs_and_entropy
+from empg_rllib.scoring import position_ids
 
 
 class LLMRLModule(TorchRLModule):
@@ -33,12 +34,9 @@ class LLMRLModule(TorchRLModule):
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Rows are left-padded `input_ids`; outputs are aligned with `input_ids[:, 1:]`."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
-        return {
-            "token_logp": token_logprobs(logits, ids[:, 1:], self.temperature),
-            "token_entropy": token_entropy(logits, self.temperature),
-        }
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        logp, entropy = token_logprobs_and_entropy(logits, ids[:, 1:], self.temperature)
+        return {"token_logp": logp, "token_entropy": entropy}
 
     def _forward_inference(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         raise NotImplementedError("LLMRLModule samples through an inference engine (LLMEnvRunner)")

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from empg_rllib.losses import token_entropy, token_logprobs
+from empg_rllib.losses import token_logprobs_and_entropy
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +25,11 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def response_logits(
     model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,8 +38,7 @@ def response_logits(
     ids, mask = left_pad(sequences, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     width = max(len(r) for r in responses)
     # Position j predicts token j + 1, so the response's logits end one column before the end.
     resp_logits = logits[:, -width - 1 : -1, :]
@@ -56,8 +60,7 @@ def score_responses(
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Per response: log-probs and full-vocabulary entropies of its tokens at `temperature`."""
     logits, tokens, mask = response_logits(model, prompts, responses, pad_id)
-    logp = token_logprobs(logits, tokens, temperature)
-    entropy = token_entropy(logits, temperature)
+    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
     out_logp, out_entropy = [], []
     for row, r in enumerate(responses):
         n = len(r)

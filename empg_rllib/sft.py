@@ -20,7 +20,7 @@ import torch
 import envs
 from empg_rllib.fileio import atomic_directory
 from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response
-from empg_rllib.scoring import left_pad
+from empg_rllib.scoring import left_pad, position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,8 @@ def train_sft(
             for row, d in enumerate(chunk):
                 response[row, ids.shape[1] - len(d.response_ids) :] = 1.0
             weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
             token_loss = torch.nn.functional.cross_entropy(
                 logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
             )

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from empg_rllib.inference.base import Completion, FinishReason, SamplingParams
-from empg_rllib.scoring import left_pad
+from empg_rllib.scoring import left_pad, position_ids
 
 
 class HFEngine:
@@ -98,12 +98,10 @@ class HFEngine:
         batch = len(prompts)
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
-        )
+        positions = position_ids(attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1, :]
-        next_position = position_ids[:, -1:] + 1
+        next_position = positions[:, -1:] + 1
 
         # Per-step results stay tensors; rows are cut to their length once at the end.
         step_tokens, step_logp, step_entropy = [], [], []
@@ -113,8 +111,9 @@ class HFEngine:
         can_end_stop = self._stop_candidates(params.stop, logits.shape[-1])
         for step in range(params.max_new_tokens):
             log_p = torch.log_softmax(logits.float() / params.temperature, dim=-1)
-            entropy = -(log_p.exp() * log_p).sum(-1)
-            tokens = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(self.device)
+            probs = log_p.exp()
+            entropy = -(probs * log_p).sum(-1)
+            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).to(self.device)
             step_tokens.append(tokens.squeeze(-1).cpu())
             step_logp.append(log_p.gather(-1, tokens).squeeze(-1).cpu())
             step_entropy.append(entropy.cpu())
