@@ -8,6 +8,10 @@ official games of the split's folder.
 An action is valid iff it is one of `info["admissible_actions"]`: the engine's admissible
 commands without "help" (a static command reference that agents given the list do not need).
 Anything else gets the engine's "Nothing happens." without touching the game, as in ALFWorld.
+
+`expert`: "planner" plays Fast Downward's optimal plan from the true game state (it walks straight
+to hidden objects); "explorer" searches for objects it has not seen (`explorer.py`), so its
+demonstrations can be imitated by a policy that only reads observations.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 from typing import Any, Iterator, Sequence
 
 from envs.alfworld import games, generator, speedups
+from envs.alfworld.explorer import Explorer
 from envs.alfworld.engine import Engine
 from envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv, cache_dir
 
@@ -26,6 +31,7 @@ NOTHING_HAPPENS = "Nothing happens."
 DEFAULT_NUM_TASKS: dict[str, int] = {"train": 2000, "eval_seen": 120, "eval_unseen": 120}
 _GENERATED_ID = re.compile(r"alfworld/(train|eval_seen|eval_unseen)/([a-z_]+)/(\d+)")
 _OFFICIAL_ID = re.compile(r"alfworld/official/(train|valid_seen|valid_unseen)/(.+)")
+EXPERTS = ("planner", "explorer")
 _TASK_TEXT = re.compile(r"Your task is to: (.*?)\.?\s*$", re.DOTALL)
 
 
@@ -48,9 +54,13 @@ class AlfWorldEnv(TextEnv):
         task_types: Sequence[str] | None = None,
         num_tasks: int | None = None,
         data_dir: str | None = None,
+        expert: str = "planner",
     ) -> None:
         super().__init__(max_turns=max_turns, split=split)
         self._types = self._check_types(task_types)
+        if expert not in EXPERTS:
+            raise EnvConfigError(f"expert must be one of {EXPERTS}, got {expert!r}")
+        self._explorer: Explorer | None = Explorer() if expert == "explorer" else None
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
             raise EnvConfigError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if data_dir is not None and not (pathlib.Path(data_dir) / "json_2.1.1").is_dir():
@@ -147,6 +157,9 @@ class AlfWorldEnv(TextEnv):
         # Saves planning at reset, which takes up to ~0.5 s on some pick-two games.
         self._plan = (self._engine.walkthrough() or None) if ref.planned else None
         self._won = bool(state["won"])
+        if self._explorer is not None:
+            self._explorer = Explorer()
+            self._explorer.observe(obs)
         info = {
             "task_id": ref.task_id,
             "task_type": ref.task_type,
@@ -168,8 +181,15 @@ class AlfWorldEnv(TextEnv):
             obs = state.feedback.strip()
             self._admissible = self._visible(state["admissible_commands"])
             self._won = bool(state["won"])
-            # The rest of an optimal plan stays optimal after its first action; else replan.
-            self._plan = self._plan[1:] if self._plan and self._plan[0] == command else None
+            # The rest of an optimal plan stays optimal after its first action; else replan,
+            # except after an explorer's detour to look somewhere: moving changes no object, and
+            # a plan that starts by walking costs the same from anywhere.
+            if self._plan and self._plan[0] == command:
+                self._plan = self._plan[1:]
+            elif not (self._plan and self._plan[0].startswith("go to ") and command.startswith("go to ")):
+                self._plan = None
+            if self._explorer is not None:
+                self._explorer.observe(obs)
         info = {
             "admissible_actions": list(self._admissible),
             "won": self._won,
@@ -183,7 +203,8 @@ class AlfWorldEnv(TextEnv):
         return [c for c in commands if c != "help"]
 
     def expert_action(self) -> str:
-        """The first action of a Fast Downward optimal plan from the current state."""
+        """The first action of a Fast Downward optimal plan from the current state, or the
+        explorer's action when `expert="explorer"`."""
         if not self._task_info:
             raise EnvError("expert_action() called before reset()")
         if self._won:
@@ -193,6 +214,8 @@ class AlfWorldEnv(TextEnv):
                 self._plan = self._engine.plan()
         if not self._plan:
             raise EnvError(f"the planner found no plan for {self._task_info['task_id']}")
+        if self._explorer is not None:
+            return self._explorer.act(self._plan, self._admissible)
         return self._plan[0]
 
     def close(self) -> None:

@@ -51,7 +51,7 @@ _AFFORDANCE: dict[str, str] = {
 }
 LAMPS: tuple[str, ...] = ("DeskLamp", "FloorLamp")
 # Lamps stand on furniture that is never closed (ToggleObject needs the lamp in a receptacle).
-_LAMP_HOLDERS: tuple[str, ...] = ("Desk", "Dresser", "SideTable")
+LAMP_HOLDERS: tuple[str, ...] = ("Desk", "Dresser", "SideTable")
 _OPEN_PROB: dict[str, float] = {"Cabinet": 0.3, "Drawer": 0.3}
 
 # Held out for eval_unseen: train and eval_seen never have a task on one of these pairs
@@ -249,7 +249,7 @@ def _draw_receptacles(
         counts[r] = rng.randint(*room.extras[r])
     required = [r for r in (parent, APPLIANCE.get(task_type, "")) if r]
     if toggle:
-        required.append(rng.choice([h for h in _LAMP_HOLDERS if h in room.receptacle_types]))
+        required.append(rng.choice([h for h in LAMP_HOLDERS if h in room.receptacle_types]))
     for r in required:
         counts.setdefault(r, rng.randint(*room.extras.get(r, (1, 1))))
     start_types = _start_receptacles(task_type, room, obj, parent)
@@ -273,7 +273,7 @@ def _place_objects(
     for n in range(1, n_targets + 1):
         placement[_mangle(obj, n)] = rng.choice(start)
     if toggle:
-        placement[_mangle(toggle, 1)] = rng.choice(instances_of(set(_LAMP_HOLDERS)))
+        placement[_mangle(toggle, 1)] = rng.choice(instances_of(set(LAMP_HOLDERS)))
     present = set(recep_type.values())
     distractors = [o for o in room.objects if o != obj]
     for other in rng.sample(distractors, rng.randint(4, min(7, len(distractors)))):

@@ -139,6 +139,32 @@ def test_expert_replans_after_detours(split_envs):
         assert info["won"] or play_expert(env)[0], info["task_id"]
 
 
+def test_explorer_expert_wins_acting_only_on_what_it_has_seen():
+    """The explorer never walks to a hidden object: every take/use happens where the episode's
+    observations have already shown that object, and it still wins every task type."""
+    env = envs.make("alfworld", split="eval_unseen", num_tasks=len(TYPES) * 2, expert="explorer")
+    searched = 0
+    for index in range(len(TYPES) * 2):
+        obs, info = env.reset(options={"task": index})
+        shown = obs
+        for _ in range(40):
+            action = envs.expert_action(env)
+            assert action in info["admissible_actions"]
+            if action.startswith(("take ", "use ")):
+                obj = " ".join(action.split()[1:3])
+                assert obj in shown, (info["task_id"], action)
+            searched += action.startswith("open ")
+            obs, _, terminated, truncated, info = env.step(action)
+            shown = obs if obs.startswith("You arrive at") or obs.startswith("You open") else shown + obs
+            if terminated or truncated:
+                break
+        assert info["won"], info["task_id"]
+    assert searched > 0  # closed receptacles were opened to look inside
+    env.close()
+    with pytest.raises(EnvConfigError, match="expert"):
+        envs.make("alfworld", expert="oracle")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_solves_many(split):
