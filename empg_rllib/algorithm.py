@@ -179,6 +179,8 @@ class EMPG(Algorithm):
 
         started = time.perf_counter()
         columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if batch.allowed_ids is not None:
+            columns["allowed_ids"] = batch.allowed_ids
         scores = self.learner_group.foreach_learner(lambda learner: learner.score(columns)).result_or_errors[0].get()
         self.metrics.log_value("learner_score_s", time.perf_counter() - started, window=1)
         step_entropy = batch.per_step_mean(scores["token_entropy"])
@@ -193,6 +195,8 @@ class EMPG(Algorithm):
             "old_logp": scores["token_logp"].astype(np.float32),
             "token_adv": token_adv,
         }
+        if batch.allowed_ids is not None:
+            train["allowed_ids"] = batch.allowed_ids
         if "ref_logp" in scores:
             train["ref_logp"] = scores["ref_logp"].astype(np.float32)
         learner_results = self.learner_group.update(

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from empg_rllib.advantages import EMPGTerms, empg_terms, group_advantages
+from empg_rllib.inference.choices import pad_allowed
 from empg_rllib.rollout import Episode
 
 
@@ -25,6 +26,9 @@ class TurnBatch:
     sampler_logp: np.ndarray  # [N, L-1] float32: behaviour log-probs from the engine
     traj_index: np.ndarray  # [N] which episode
     step_index: np.ndarray  # [N] which turn of it
+    # Constrained decoding: [N, R, K] allowed token ids (-1 padded) of the last R token
+    # positions; None when no turn was constrained.
+    allowed_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,6 +57,9 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
         if r:
             resp_mask[row, width - 1 - r :] = 1.0
             sampler_logp[row, width - 1 - r :] = turn.logprobs
+    allowed = None
+    if any(t.allowed_token_ids is not None for _, _, t in rows):
+        allowed = pad_allowed([t.allowed_token_ids for _, _, t in rows], max(len(t.response_ids) for _, _, t in rows))
     return TurnBatch(
         input_ids,
         attention_mask,
@@ -60,6 +67,7 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
         sampler_logp,
         np.array([e for e, _, _ in rows], dtype=np.int64),
         np.array([t for _, t, _ in rows], dtype=np.int64),
+        allowed,
     )
 
 

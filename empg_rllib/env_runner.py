@@ -26,7 +26,6 @@ from ray.rllib.utils.metrics import (
 
 import envs
 from empg_rllib.inference.base import SamplingParams
-from empg_rllib.prompting import PromptConfig
 from empg_rllib.rollout import Episode, EpisodeRequest, RolloutStats, run_episodes
 
 
@@ -56,7 +55,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             raise NotImplementedError(f"engine {exp.engine!r} is not available yet; use engine: hf")
         self.engine = HFEngine(self.module.lm, self.tokenizer, seed=exp.seed * 1000 + self.worker_index)
         self._weights_seq_no = 0
-        self.prompt_config = PromptConfig(history_turns=exp.history_turns, think=exp.think)
+        self.prompt_config = exp.prompt_config
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
         self.crashed_episodes_lifetime = 0
 
@@ -103,6 +102,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             max_concurrent=self.experiment.max_concurrent_episodes,
             stats=stats,
             keep_envs=pool,
+            constrain_actions=self.experiment.constrain_actions,
         )
         self._log_sample_metrics(episodes, stats)
         return episodes

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from empg_rllib.prompting import PromptConfig
+
 
 class ConfigError(ValueError):
     """A problem in an experiment file; the message names the key."""
@@ -73,6 +75,10 @@ class Experiment(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     think: bool = False
+    # Sample only admissible actions (constrained decoding; needs think: false). A from-scratch
+    # model cannot yet copy an action from the list; a pretrained LLM does not need this.
+    constrain_actions: bool = False
+    list_admissible_actions: bool = True  # show the admissible actions in the prompt
     max_concurrent_episodes: int = Field(32, ge=1)
     # algorithm
     advantage: Literal["grpo", "drgrpo"] = "grpo"
@@ -98,12 +104,20 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _loss_defaults(self) -> "Experiment":
+        if self.constrain_actions and self.think:
+            raise ValueError("constrain_actions: true samples the action alone; set think: false")
         # DAPO's clip-higher (0.2 / 0.28) unless the file sets the bounds itself.
         if self.clip_low is None:
             self.clip_low = 0.2
         if self.clip_high is None:
             self.clip_high = 0.28 if self.loss == "dapo" else 0.2
         return self
+
+    @property
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(
+            history_turns=self.history_turns, think=self.think, list_admissible_actions=self.list_admissible_actions
+        )
 
     @property
     def aggregation(self) -> str:
@@ -129,6 +143,8 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
         return f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})"
     expected = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    if not loc:  # a rule across keys; its message names them
+        return expected
     return f"bad value for {key!r}: {error.get('input')!r}; expected {expected}"
 
 

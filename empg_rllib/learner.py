@@ -16,12 +16,13 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
-from empg_rllib.losses import policy_loss, token_logprobs
-from empg_rllib.scoring import position_ids
+from empg_rllib.losses import policy_loss
+from empg_rllib.scoring import position_ids, scores_of_tokens
 
-#: Batch columns, all [rows, tokens] except where noted. Token columns are aligned with
-#: input_ids[:, 1:] (position p predicts token p + 1).
-COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp")
+#: Batch columns, all [rows, tokens] and aligned with input_ids[:, 1:] (position p predicts
+#: token p + 1), except `allowed_ids` ([rows, R, K], constrained decoding: the allowed token ids
+#: of the last R positions, -1 padded), present only when some turn was constrained.
+COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp", "allowed_ids")
 
 
 class EMPGTorchLearner(TorchLearner):
@@ -56,14 +57,15 @@ class EMPGTorchLearner(TorchLearner):
         n = self.config.experiment.micro_batch_size
         out: dict[str, list[np.ndarray]] = {"token_logp": [], "token_entropy": [], "ref_logp": []}
         for start in range(0, len(batch["input_ids"]), n):
-            sub = {k: torch.as_tensor(batch[k][start : start + n], device=self._device) for k in ("input_ids", "attention_mask")}
+            sub = {k: torch.as_tensor(v[start : start + n], device=self._device) for k, v in batch.items()}
             fwd = module._forward_train(sub)
             out["token_logp"].append(fwd["token_logp"].float().cpu().numpy())
             out["token_entropy"].append(fwd["token_entropy"].float().cpu().numpy())
             if self._reference is not None:
                 ids, mask = sub["input_ids"], sub["attention_mask"]
                 logits = self._reference(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-                out["ref_logp"].append(token_logprobs(logits, ids[:, 1:], module.temperature).cpu().numpy())
+                logp, _ = scores_of_tokens(logits, ids[:, 1:], module.temperature, sub.get("allowed_ids"))
+                out["ref_logp"].append(logp.cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items() if v}
 
     # ---- loss and update -----------------------------------------------------------------

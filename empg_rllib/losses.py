@@ -15,26 +15,43 @@ Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def log_softmax_and_entropy(
+    logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / temperature) over the vocabulary and its Shannon entropy.
+
+    `allowed` (bool, shaped like `logits`): the distribution renormalised over the allowed tokens,
+    as constrained decoding samples it; disallowed tokens get log-prob -inf and add nothing to
+    the entropy.
+    """
+    scaled = logits.float() / temperature
+    if allowed is not None:
+        scaled = scaled.masked_fill(~allowed, float("-inf"))
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    # 0 * log 0 := 0, written so that no NaN reaches the gradient of masked tokens.
+    finite = log_probs if allowed is None else log_probs.masked_fill(~allowed, 0.0)
+    return log_probs, -(log_probs.exp() * finite).sum(-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """log pi(token | prefix) at `temperature`; logits [B, T, V] already aligned with tokens [B, T]."""
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return token_logprobs_and_entropy(logits, tokens, temperature, allowed)[0]
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Full-vocabulary Shannon entropy -sum_v p(v) log p(v) of softmax(logits / temperature)."""
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    return log_softmax_and_entropy(logits, temperature)[1]
 
 
 def token_logprobs_and_entropy(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` and `token_entropy` from one log-softmax over the vocabulary (the
     expensive part of both)."""
-    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return logp, -(log_probs.exp() * log_probs).sum(-1)
+    log_probs, entropy = log_softmax_and_entropy(logits, temperature, allowed)
+    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
 
 
 def masked_aggregate(

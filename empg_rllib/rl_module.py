@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from empg_rllib.losses import token_logprobs_and_entropy
-from empg_rllib.scoring import position_ids
+from empg_rllib.scoring import position_ids, scores_of_tokens
 
 
 class LLMRLModule(TorchRLModule):
@@ -32,10 +31,11 @@ class LLMRLModule(TorchRLModule):
             self.lm.gradient_checkpointing_enable()
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """Rows are left-padded `input_ids`; outputs are aligned with `input_ids[:, 1:]`."""
+        """Rows are left-padded `input_ids`; outputs are aligned with `input_ids[:, 1:]`. An
+        `allowed_ids` column (constrained decoding) restricts the last positions' distributions."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        logp, entropy = token_logprobs_and_entropy(logits, ids[:, 1:], self.temperature)
+        logp, entropy = scores_of_tokens(logits, ids[:, 1:], self.temperature, batch.get("allowed_ids"))
         return {"token_logp": logp, "token_entropy": entropy}
 
     def _forward_inference(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

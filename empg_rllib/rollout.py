@@ -4,6 +4,10 @@ Every live conversation that needs its next turn joins the next engine batch, so
 advance independently: one that ends early frees its slot instead of waiting for the slowest.
 Each turn is recorded with the token ids the engine sampled (never re-encoded text), their
 behaviour log-probs and entropies, and the weights version that produced them.
+
+With `constrain_actions`, a turn whose environment lists admissible actions samples one of them
+(constrained decoding): the allowed token ids of each sampled position go into the record so
+that the learner scores the same renormalised distribution.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import gymnasium as gym
 
 from envs import EnvCrashed
 from empg_rllib.inference.base import InferenceEngine, SamplingParams
-from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, parse_response
+from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response, parse_response
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class Turn:
     format_error: str | None  # why the response did not parse, if it did not
     reward: float = 0.0
     invalid_action: bool = False
+    allowed_token_ids: list[list[int]] | None = None  # constrained decoding: per sampled token
 
     @property
     def mean_entropy(self) -> float:
@@ -104,14 +109,30 @@ def run_episodes(
     max_concurrent: int = 16,
     stats: RolloutStats | None = None,
     keep_envs: list[gym.Env] | None = None,
+    constrain_actions: bool = False,
 ) -> list[Episode]:
     """Play every request to the end; returns finished episodes in completion order.
+
+    `constrain_actions`: sample only admissible actions where the environment lists them.
 
     An environment that raises `EnvCrashed` is replaced; its episode is dropped and counted in
     `stats.crashed_episodes`. Healthy environments are closed at the end, or handed back in
     `keep_envs` for reuse.
     """
     prompt_config = prompt_config or PromptConfig()
+    if constrain_actions and prompt_config.think:
+        raise ValueError("constrain_actions samples the action alone; it needs think=False")
+    encoded: dict[str, list[int]] = {}
+
+    def action_choices(conv: _Conversation) -> list[list[int]] | None:
+        admissible = conv.info.get("admissible_actions") if constrain_actions else None
+        if not admissible:
+            return None
+        for action in admissible:
+            if action not in encoded:
+                encoded[action] = tokenizer.encode(format_response(action, think=False), add_special_tokens=False)
+        return [encoded[a] for a in admissible]
+
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()
     pending = list(requests)[::-1]
@@ -144,7 +165,8 @@ def run_episodes(
             for conv in live
         ]
         t0 = time.perf_counter()
-        completions = engine.generate(prompts, sampling)
+        choices = [action_choices(conv) for conv in live] if constrain_actions else None
+        completions = engine.generate(prompts, sampling, choices)
         stats.engine_seconds += time.perf_counter() - t0
         still_live: list[_Conversation] = []
         for conv, prompt, completion in zip(live, prompts, completions):
@@ -176,6 +198,7 @@ def run_episodes(
                     format_error=parsed.error,
                     reward=float(reward),
                     invalid_action=bool(info.get("invalid_action")) or not parsed.valid,
+                    allowed_token_ids=completion.allowed_token_ids,
                 )
             )
             conv.history.append(HistoryTurn(conv.observation, action))

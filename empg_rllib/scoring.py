@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from empg_rllib.inference.choices import allowed_mask, pad_allowed
 from empg_rllib.losses import token_logprobs_and_entropy
 
 
@@ -28,6 +29,21 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE positions of left-padded rows: 0 at each row's first real token."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def scores_of_tokens(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, allowed_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies [B, T]; with `allowed_ids` [B, R, K] (constrained
+    decoding, -1 padded) the last R positions are scored over their allowed tokens only."""
+    if allowed_ids is None:
+        return token_logprobs_and_entropy(logits, tokens, temperature)
+    r = allowed_ids.shape[1]
+    head = token_logprobs_and_entropy(logits[:, :-r], tokens[:, :-r], temperature)
+    tail = token_logprobs_and_entropy(
+        logits[:, -r:], tokens[:, -r:], temperature, allowed_mask(allowed_ids.to(logits.device), logits.shape[-1])
+    )
+    return torch.cat([head[0], tail[0]], dim=1), torch.cat([head[1], tail[1]], dim=1)
 
 
 def response_logits(
@@ -57,10 +73,14 @@ def score_responses(
     responses: Sequence[Sequence[int]],
     pad_id: int,
     temperature: float = 1.0,
+    allowed: Sequence[Sequence[Sequence[int]] | None] | None = None,
 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Per response: log-probs and full-vocabulary entropies of its tokens at `temperature`."""
+    """Per response: log-probs and full-vocabulary entropies of its tokens at `temperature`;
+    `allowed` gives, per response, the allowed token ids of each position (constrained
+    decoding) or None."""
     logits, tokens, mask = response_logits(model, prompts, responses, pad_id)
-    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    allowed_ids = torch.as_tensor(pad_allowed(allowed, tokens.shape[1])) if allowed is not None else None
+    logp, entropy = scores_of_tokens(logits, tokens, temperature, allowed_ids)
     out_logp, out_entropy = [], []
     for row, r in enumerate(responses):
         n = len(r)

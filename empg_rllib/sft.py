@@ -3,6 +3,9 @@
 Demonstrations are the environments' experts playing the train split, turned into exactly the
 prompts the RL agent will see (same prompt builder, same history window) with the expert's
 action in the answer format as the target. Loss: cross-entropy on the response tokens only.
+With `constrain_actions` (the agent samples only admissible actions), each response token's
+cross-entropy is taken over the tokens constrained decoding would allow there: behaviour
+cloning of the policy that will actually act.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 
 import envs
 from empg_rllib.fileio import atomic_directory
+from empg_rllib.inference.choices import ChoiceTrie, pad_allowed
 from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response
-from empg_rllib.scoring import left_pad, position_ids
+from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,19 @@ class Demonstration:
     prompt_ids: list[int]
     response_ids: list[int]
     task_type: str
+    allowed: list[list[int]] | None = None  # constrained decoding: allowed ids per response token
+
+
+def allowed_along(choices: list[list[int]], response: list[int]) -> list[list[int]] | None:
+    """The allowed token ids at each token of `response` under constrained decoding over
+    `choices`; None if `response` is not one of them."""
+    node, allowed = ChoiceTrie(choices).root, []
+    for token in response:
+        allowed.append(ChoiceTrie.allowed(node))
+        if token not in node:
+            return None
+        node = node[token]
+    return allowed if ChoiceTrie.ends(node) else None
 
 
 def collect_demonstrations(
@@ -38,6 +55,7 @@ def collect_demonstrations(
     episodes: int,
     prompt_config: PromptConfig,
     seed: int = 0,
+    constrain_actions: bool = False,
 ) -> tuple[list[Demonstration], float]:
     """Expert episodes -> one (prompt, response) pair per turn; returns them and the expert's
     success rate (episodes the expert did not win are left out)."""
@@ -56,7 +74,14 @@ def collect_demonstrations(
                     tokenizer, instruction, obs, history, info.get("admissible_actions"), prompt_config
                 )
                 response = tokenizer.encode(format_response(action, think=prompt_config.think), add_special_tokens=False)
-                turns.append(Demonstration(prompt, response, info["task_type"]))
+                allowed = None
+                if constrain_actions and info.get("admissible_actions"):
+                    choices = [
+                        tokenizer.encode(format_response(a, think=False), add_special_tokens=False)
+                        for a in info["admissible_actions"]
+                    ]
+                    allowed = allowed_along(choices, response)
+                turns.append(Demonstration(prompt, response, info["task_type"], allowed))
                 history.append(HistoryTurn(obs, action))
                 obs, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
@@ -99,10 +124,9 @@ def train_sft(
     epoch_losses = []
     step = 0
     for epoch in range(epochs):
-        order = torch.randperm(len(demos), generator=generator).tolist()
         losses = []
-        for start in range(0, len(order), batch_size):
-            chunk = [demos[i] for i in order[start : start + batch_size]]
+        for batch_ids in _length_bucketed_batches(demos, batch_size, generator):
+            chunk = [demos[i] for i in batch_ids]
             ids, mask = left_pad([d.prompt_ids + d.response_ids for d in chunk], pad_id)
             # Weights of the predicted tokens ids[:, 1:]: 1 on the response, prompt_loss_weight
             # on the prompt, 0 on padding.
@@ -110,11 +134,13 @@ def train_sft(
             for row, d in enumerate(chunk):
                 response[row, ids.shape[1] - len(d.response_ids) :] = 1.0
             weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
+            allowed = None
+            if any(d.allowed is not None for d in chunk):
+                width = max(len(d.response_ids) for d in chunk)
+                allowed = torch.as_tensor(pad_allowed([d.allowed for d in chunk], width))
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
-            )
+            token_loss = -scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0]
             loss = (token_loss * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,6 +157,20 @@ def train_sft(
     return epoch_losses
 
 
+def _length_bucketed_batches(
+    demos: list[Demonstration], batch_size: int, generator: torch.Generator, bucket_batches: int = 8
+) -> list[list[int]]:
+    """A random order cut into batches of similar length (less padding to compute on): windows
+    of `bucket_batches` batches are sorted by length, then the batches are shuffled."""
+    order = torch.randperm(len(demos), generator=generator).tolist()
+    window = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: len(demos[i].prompt_ids) + len(demos[i].response_ids))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     """save_pretrained of model and tokenizer into `out_dir`, written atomically."""
     with atomic_directory(out_dir) as staging:
@@ -145,10 +185,15 @@ def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float
 
     started = time.perf_counter()
     tokenizer, model = models.load(exp.model)
-    prompt_config = PromptConfig(history_turns=exp.history_turns, think=exp.think)
+    prompt_config = exp.prompt_config
     env_config = {**exp.env_config, "split": exp.sft.split, "max_turns": exp.max_turns}
     demos, expert_success = collect_demonstrations(
-        tokenizer, lambda: envs.make(exp.env, **env_config), exp.sft.episodes, prompt_config, seed=exp.seed
+        tokenizer,
+        lambda: envs.make(exp.env, **env_config),
+        exp.sft.episodes,
+        prompt_config,
+        seed=exp.seed,
+        constrain_actions=exp.constrain_actions,
     )
     collected = time.perf_counter()
     torch.manual_seed(exp.seed)

@@ -90,6 +90,28 @@ def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
     assert result["learners"]["default_policy"]["kl"] >= 0
 
 
+def test_constrained_actions_are_scored_as_sampled(ray_cluster, model_path, tmp_path):
+    """With constrained decoding the learner must score the renormalised distribution the
+    sampler drew from: an unmasked learner would be off by several nats per token."""
+    exp = experiment(
+        tmp_path, env="alfworld", loss="grpo", constrain_actions=True, list_admissible_actions=False,
+        max_new_tokens=48, env_config={"task_types": ["look_at_obj_in_light"]},
+    )
+    algo = build_algorithm(exp, model_path)
+    try:
+        before = lm_weights(algo)
+        result = algo.train()
+        after = lm_weights(algo)
+    finally:
+        algo.stop()
+    assert result["env_runners"]["invalid_action_rate"] == 0.0
+    assert result["env_runners"]["format_error_rate"] == 0.0
+    assert result["sampler_learner_logp_gap_max"] < 1e-3
+    assert result["step_entropy_p50"] < 5.0  # a handful of allowed tokens, not 1,847
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert (result["advantage_abs_mean"] > 1e-9) == any(not torch.equal(before[k], v) for k, v in after.items())
+
+
 def test_advantage_reaching_the_loss_is_empg_of_the_step(ray_cluster, model_path, tmp_path):
     exp = experiment(tmp_path, env="deepsearch", tasks_per_batch=3, group_size=3, max_turns=4, empg={"zeta": 0.5, "k": 2.0})
     algo = build_algorithm(exp, model_path)

@@ -30,6 +30,13 @@ def test_wrong_type_names_key_and_expected_type():
         validate({"loss": "ppo"})
 
 
+def test_constrained_actions_need_think_off_and_shape_the_prompt():
+    with pytest.raises(ConfigError, match=r"^constrain_actions: true samples the action alone; set think: false$"):
+        validate({"constrain_actions": True, "think": True})
+    exp = validate({"constrain_actions": True, "list_admissible_actions": False, "history_turns": 3})
+    assert exp.prompt_config.list_admissible_actions is False and exp.prompt_config.history_turns == 3
+
+
 def test_dapo_defaults_to_clip_higher():
     assert (validate({"loss": "dapo"}).clip_low, validate({"loss": "dapo"}).clip_high) == (0.2, 0.28)
     assert validate({"loss": "grpo"}).clip_high == 0.2

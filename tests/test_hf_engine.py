@@ -110,3 +110,48 @@ def test_bad_sampling_params():
         SamplingParams(temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def _choices(tokenizer, actions):
+    from empg_rllib.prompting import format_response
+
+    return [tokenizer.encode(format_response(a, think=False), add_special_tokens=False) for a in actions]
+
+
+def test_constrained_decoding_samples_only_choices_and_scores_like_the_learner(engine):
+    prompts = _prompts(engine.tokenizer)
+    actions = ["go to cabinet 1", "go to cabinet 2", "take apple 1 from countertop 1", "look", "inventory"]
+    choices = _choices(engine.tokenizer, actions)
+    # Row 1 is unconstrained: one batch mixes both kinds.
+    per_row = [choices, None, choices[:2], choices[3:]]
+    seen = set()
+    for seed in range(6):
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=40, temperature=0.8, seed=seed), per_row)
+        assert outs[1].allowed_token_ids is None
+        for row in (0, 2, 3):
+            out = outs[row]
+            assert out.token_ids in per_row[row] and out.finish_reason == "stop"
+            assert len(out.allowed_token_ids) == len(out.token_ids)
+            assert all(t in allowed for t, allowed in zip(out.token_ids, out.allowed_token_ids))
+            seen.add(out.text)
+        logp, entropy = score_responses(
+            engine.model, prompts, [o.token_ids for o in outs], engine.pad_token_id, 0.8,
+            [o.allowed_token_ids for o in outs],
+        )
+        for out, ref_lp, ref_h in zip(outs, logp, entropy):
+            assert max(abs(a - b) for a, b in zip(out.logprobs, ref_lp)) < 1e-5
+            assert max(abs(a - b) for a, b in zip(out.entropies, ref_h)) < 1e-4
+    assert len(seen) >= 3  # sampling, not a fixed pick
+    # A forced token (one allowed id) has log-prob 0 and entropy 0; a free choice does not.
+    out = engine.generate(prompts[:1], SamplingParams(max_new_tokens=40, seed=0), [choices])[0]
+    forced = [i for i, a in enumerate(out.allowed_token_ids) if len(a) == 1]
+    assert forced and all(abs(out.logprobs[i]) < 1e-6 and abs(out.entropies[i]) < 1e-6 for i in forced)
+    assert any(len(a) > 1 and out.entropies[i] > 0 for i, a in enumerate(out.allowed_token_ids))
+
+
+def test_constrained_decoding_rejects_bad_choices(engine):
+    prompts = _prompts(engine.tokenizer)[:2]
+    with pytest.raises(ValueError, match="choice lists for 2 prompts"):
+        engine.generate(prompts, SamplingParams(), [None])
+    with pytest.raises(ValueError, match="no empty choice"):
+        engine.generate(prompts, SamplingParams(), [[[]], None])

@@ -98,3 +98,25 @@ def test_entropy_full_vocab_and_temperature():
 def test_unknown_aggregation_names_options():
     with pytest.raises(ValueError, match="token_mean"):
         masked_aggregate(torch.ones(1, 1), torch.ones(1, 1), "mean")
+
+
+def test_allowed_mask_renormalises_logprobs_and_entropy():
+    from empg_rllib.inference.choices import allowed_mask
+    from empg_rllib.losses import log_softmax_and_entropy
+
+    logits = torch.randn(2, 3, 6, requires_grad=True)
+    allowed_ids = torch.tensor([[[1, 4, -1], [2, -1, -1], [-1, -1, -1]], [[0, 1, 5], [3, 4, -1], [5, -1, -1]]])
+    mask = allowed_mask(allowed_ids, 6)
+    assert mask[0, 2].all()  # all padding: unconstrained
+    assert mask[0, 0].tolist() == [False, True, False, False, True, False]
+    log_probs, entropy = log_softmax_and_entropy(logits, 1.0, mask)
+    probs = log_probs.exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3))
+    assert (probs[~mask] == 0).all()
+    sub = torch.log_softmax(logits[0, 0, [1, 4]], -1)
+    assert torch.allclose(log_probs[0, 0, [1, 4]], sub)
+    assert entropy[0, 0].item() == pytest.approx(-(sub.exp() * sub).sum().item(), abs=1e-6)
+    assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-7)  # one allowed token
+    # Masked tokens must not put NaN into the gradient.
+    (entropy.sum() + log_probs[0, 0, 1]).backward()
+    assert torch.isfinite(logits.grad).all()

@@ -84,3 +84,27 @@ def test_crashed_env_is_replaced_and_its_episode_dropped(engine):
     assert stats.crashed_episodes == 1
     assert len(episodes) == 2
     assert len(made) == 2  # one replacement, then reused
+
+
+def test_constrained_actions_are_always_admissible(engine):
+    pytest.importorskip("alfworld")
+    stats = RolloutStats()
+    episodes = run_episodes(
+        engine,
+        engine.tokenizer,
+        lambda: envs.make("alfworld", split="eval_seen", max_turns=4),
+        [EpisodeRequest(seed=s) for s in range(2)],
+        SamplingParams(max_new_tokens=40, seed=3),
+        PromptConfig(think=False, history_turns=1),
+        stats=stats,
+        constrain_actions=True,
+    )
+    turns = [t for e in episodes for t in e.turns]
+    assert len(turns) == stats.env_steps > 0
+    for turn in turns:
+        assert not turn.invalid_action and turn.format_error is None and turn.finish_reason == "stop"
+        assert turn.action in engine.tokenizer.decode(turn.prompt_ids).split("Admissible actions: ")[1]
+        assert len(turn.allowed_token_ids) == len(turn.response_ids)
+    with pytest.raises(ValueError, match="think=False"):
+        run_episodes(engine, engine.tokenizer, lambda: envs.make("deepsearch"), [EpisodeRequest(seed=0)],
+                     SamplingParams(), PromptConfig(think=True), constrain_actions=True)

@@ -38,6 +38,8 @@ class Completion:
     finish_reason: FinishReason
     text: str = ""
     weights_version: int = 0
+    # Constrained decoding: the token ids allowed at each sampled position (None: any token).
+    allowed_token_ids: list[list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,8 +48,14 @@ class InferenceEngine(Protocol):
 
     weights_version: int
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt, in order."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in order. `choices[i]`, when given, lists the token
+        sequences completion i must be one of (constrained decoding, see `choices.py`)."""
         ...
 
     def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Hand-rolled rather than `model.generate` because every sampled token needs its log-prob and its
 full-vocabulary entropy at the sampling temperature (the EMPG step entropy), and the batch must
-stop per sequence on a stop string, EOS or the length cap.
+stop per sequence on a stop string, EOS or the length cap. With `choices`, a sequence samples
+only tokens that continue one of its allowed completions and stops when one is complete.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from empg_rllib.inference.base import Completion, FinishReason, SamplingParams
+from empg_rllib.inference.choices import ChoiceTrie
+from empg_rllib.losses import log_softmax_and_entropy
 from empg_rllib.scoring import left_pad, position_ids
 
 
@@ -57,17 +60,26 @@ class HFEngine:
         self.model.load_state_dict(dict(state_dict), strict=True)
         self.weights_version = self.weights_version + 1 if version is None else version
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+    ) -> list[Completion]:
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if choices is not None and len(choices) != len(prompts):
+            raise ValueError(f"got {len(choices)} choice lists for {len(prompts)} prompts")
+        tries = [ChoiceTrie(c) if c else None for c in (choices or [None] * len(prompts))]
         generator = (
             torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else self._generator
         )
         completions: list[Completion] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            completions.extend(self._generate_batch(prompts[start : start + self.max_batch_size], params, generator))
+            end = start + self.max_batch_size
+            completions.extend(self._generate_batch(prompts[start:end], params, generator, tries[start:end]))
         return completions
 
     def _stop_candidates(self, stops: tuple[str, ...], vocab_size: int) -> torch.Tensor:
@@ -93,7 +105,11 @@ class HFEngine:
 
     @torch.no_grad()
     def _generate_batch(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, generator: torch.Generator
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        generator: torch.Generator,
+        tries: Sequence[ChoiceTrie | None],
     ) -> list[Completion]:
         batch = len(prompts)
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
@@ -109,16 +125,30 @@ class HFEngine:
         finish: list[FinishReason | None] = [None] * batch
         live = torch.ones(batch, dtype=torch.bool)
         can_end_stop = self._stop_candidates(params.stop, logits.shape[-1])
+        nodes = [t.root if t is not None else None for t in tries]
+        allowed_lists: list[list[list[int]]] = [[] for _ in range(batch)]
         for step in range(params.max_new_tokens):
-            log_p = torch.log_softmax(logits.float() / params.temperature, dim=-1)
-            probs = log_p.exp()
-            entropy = -(probs * log_p).sum(-1)
-            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).to(self.device)
+            allowed = None
+            if any(n is not None for n in nodes):
+                allowed = torch.ones_like(logits, dtype=torch.bool)
+                for row, node in enumerate(nodes):
+                    if node is not None and live[row]:
+                        ids = ChoiceTrie.allowed(node)
+                        allowed_lists[row].append(ids)
+                        allowed[row] = False
+                        allowed[row, ids] = True
+            log_p, entropy = log_softmax_and_entropy(logits, params.temperature, allowed)
+            tokens = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(self.device)
             step_tokens.append(tokens.squeeze(-1).cpu())
             step_logp.append(log_p.gather(-1, tokens).squeeze(-1).cpu())
             step_entropy.append(entropy.cpu())
             lengths += live.long()
             new = step_tokens[-1]
+            for row, node in enumerate(nodes):
+                if node is not None and live[row]:
+                    nodes[row] = node[int(new[row])]
+                    if ChoiceTrie.ends(nodes[row]):
+                        finish[row], live[row] = "stop", False
             for row in torch.nonzero(live & (new == self.eos_token_id)).flatten().tolist():
                 finish[row], live[row] = "eos", False
             # Only a token holding the stop string's last character can complete it.
@@ -156,6 +186,7 @@ class HFEngine:
                 finish_reason=finish[row] or "length",
                 text=self.tokenizer.decode(sampled[row], skip_special_tokens=False),
                 weights_version=self.weights_version,
+                allowed_token_ids=allowed_lists[row] if tries[row] is not None else None,
             )
             for row in range(batch)
         ]

@@ -1,0 +1,62 @@
+"""Constrained decoding: a completion must be one of a given set of token sequences.
+
+The sampling distribution at each position is the model's, renormalised over the tokens that
+continue some allowed sequence (vLLM calls this guided choice). The allowed token ids of every
+sampled position are recorded so that the learner scores the same distribution the sampler drew
+from: policy log-probs and EMPG's step entropies are those of the constrained policy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+_END = -1
+
+
+class ChoiceTrie:
+    """Prefix tree over token-id sequences; a node is a dict token -> child (`_END`: a sequence
+    ends here). A sequence that is a prefix of another ends the completion where it ends."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise ValueError("constrained decoding needs at least one choice and no empty choice")
+        self.root: dict[int, dict] = {}
+        for seq in sequences:
+            node = self.root
+            for token in seq:
+                node = node.setdefault(int(token), {})
+            node[_END] = {}
+
+    @staticmethod
+    def allowed(node: dict[int, dict]) -> list[int]:
+        """Token ids that continue an allowed sequence from `node`."""
+        return [t for t in node if t != _END]
+
+    @staticmethod
+    def ends(node: dict[int, dict]) -> bool:
+        return _END in node
+
+
+def allowed_mask(allowed_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bool [..., vocab] from padded allowed-id lists [..., K] (-1 = padding). A position whose
+    list is all padding is unconstrained (every token allowed)."""
+    unconstrained = (allowed_ids < 0).all(-1, keepdim=True)
+    index = torch.where(allowed_ids < 0, torch.full_like(allowed_ids, vocab_size), allowed_ids).long()
+    mask = torch.zeros(*allowed_ids.shape[:-1], vocab_size + 1, dtype=torch.bool, device=allowed_ids.device)
+    mask.scatter_(-1, index, True)
+    return mask[..., :vocab_size] | unconstrained
+
+
+def pad_allowed(per_row: Sequence[Sequence[Sequence[int]] | None], width: int) -> np.ndarray:
+    """[rows, width, K] int32, -1 padded, each row's lists right-aligned in `width` positions
+    (the layout of left-padded responses); None rows stay unconstrained."""
+    k = max((len(ids) for row in per_row if row for ids in row), default=1)
+    out = np.full((len(per_row), width, k), -1, dtype=np.int32)
+    for r, row in enumerate(per_row):
+        if row:
+            for j, ids in enumerate(row):
+                out[r, width - len(row) + j, : len(ids)] = ids
+    return out
