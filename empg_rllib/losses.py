@@ -33,11 +33,9 @@ def log_softmax_and_entropy(
     return log_probs, -(log_probs.exp() * finite).sum(-1)
 
 
-def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token | prefix) at `temperature`; logits [B, T, V] already aligned with tokens [B, T]."""
-    return token_logprobs_and_entropy(logits, tokens, temperature, allowed)[0]
+    return token_logprobs_and_entropy(logits, tokens, temperature)[0]
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -138,6 +138,15 @@ def format_response(action: str, thought: str | None = None, think: bool = True)
     return f"{head}{ACTION_OPEN}{action}{ACTION_CLOSE}"
 
 
+def action_choices(tokenizer: Any, actions: Sequence[str], cache: dict[str, list[int]]) -> list[list[int]]:
+    """Token ids of the response `<action>a</action>` for each action: the completions that
+    constrained decoding allows. `cache` keeps encodings across turns (the same actions recur)."""
+    for action in actions:
+        if action not in cache:
+            cache[action] = tokenizer.encode(format_response(action, think=False), add_special_tokens=False)
+    return [cache[a] for a in actions]
+
+
 _TAG = re.compile(r"</?(?:action|think)>")
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -191,6 +200,7 @@ __all__ = [
     "HistoryTurn",
     "ParsedResponse",
     "PromptConfig",
+    "action_choices",
     "build_prompt_ids",
     "format_response",
     "parse_response",

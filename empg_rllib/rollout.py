@@ -21,7 +21,7 @@ import gymnasium as gym
 
 from envs import EnvCrashed
 from empg_rllib.inference.base import InferenceEngine, SamplingParams
-from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response, parse_response
+from empg_rllib.prompting import HistoryTurn, PromptConfig, action_choices, build_prompt_ids, parse_response
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,9 @@ def run_episodes(
         raise ValueError("constrain_actions samples the action alone; it needs think=False")
     encoded: dict[str, list[int]] = {}
 
-    def action_choices(conv: _Conversation) -> list[list[int]] | None:
-        admissible = conv.info.get("admissible_actions") if constrain_actions else None
-        if not admissible:
-            return None
-        for action in admissible:
-            if action not in encoded:
-                encoded[action] = tokenizer.encode(format_response(action, think=False), add_special_tokens=False)
-        return [encoded[a] for a in admissible]
+    def choices_of(conv: _Conversation) -> list[list[int]] | None:
+        admissible = conv.info.get("admissible_actions")
+        return action_choices(tokenizer, admissible, encoded) if admissible else None
 
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()
@@ -165,7 +160,7 @@ def run_episodes(
             for conv in live
         ]
         t0 = time.perf_counter()
-        choices = [action_choices(conv) for conv in live] if constrain_actions else None
+        choices = [choices_of(conv) for conv in live] if constrain_actions else None
         completions = engine.generate(prompts, sampling, choices)
         stats.engine_seconds += time.perf_counter() - t0
         still_live: list[_Conversation] = []

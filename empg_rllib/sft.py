@@ -23,7 +23,7 @@ import torch
 import envs
 from empg_rllib.fileio import atomic_directory
 from empg_rllib.inference.choices import ChoiceTrie, pad_allowed
-from empg_rllib.prompting import HistoryTurn, PromptConfig, build_prompt_ids, format_response
+from empg_rllib.prompting import HistoryTurn, PromptConfig, action_choices, build_prompt_ids, format_response
 from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def collect_demonstrations(
     rng = random.Random(seed)
     env = make_env()
     demos: list[Demonstration] = []
+    encoded: dict[str, list[int]] = {}
     wins = 0
     try:
         for _ in range(episodes):
@@ -76,11 +77,7 @@ def collect_demonstrations(
                 response = tokenizer.encode(format_response(action, think=prompt_config.think), add_special_tokens=False)
                 allowed = None
                 if constrain_actions and info.get("admissible_actions"):
-                    choices = [
-                        tokenizer.encode(format_response(a, think=False), add_special_tokens=False)
-                        for a in info["admissible_actions"]
-                    ]
-                    allowed = allowed_along(choices, response)
+                    allowed = allowed_along(action_choices(tokenizer, info["admissible_actions"], encoded), response)
                 turns.append(Demonstration(prompt, response, info["task_type"], allowed))
                 history.append(HistoryTurn(obs, action))
                 obs, _, terminated, truncated, info = env.step(action)

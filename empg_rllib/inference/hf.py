@@ -126,6 +126,8 @@ class HFEngine:
         live = torch.ones(batch, dtype=torch.bool)
         can_end_stop = self._stop_candidates(params.stop, logits.shape[-1])
         nodes = [t.root if t is not None else None for t in tries]
+        # Constrained rows end when their choice is complete, so they skip the stop-string check.
+        free = torch.tensor([t is None for t in tries], dtype=torch.bool)
         allowed_lists: list[list[list[int]]] = [[] for _ in range(batch)]
         for step in range(params.max_new_tokens):
             allowed = None
@@ -152,10 +154,12 @@ class HFEngine:
             for row in torch.nonzero(live & (new == self.eos_token_id)).flatten().tolist():
                 finish[row], live[row] = "eos", False
             # Only a token holding the stop string's last character can complete it.
-            for row in torch.nonzero(live & can_end_stop[new]).flatten().tolist():
-                ids = torch.stack(step_tokens)[:, row].tolist()
-                if self._stopped_on_string(ids, params.stop):
-                    finish[row], live[row] = "stop", False
+            candidates = torch.nonzero(live & free & can_end_stop[new]).flatten().tolist()
+            if candidates:
+                so_far = torch.stack(step_tokens, dim=1)
+                for row in candidates:
+                    if self._stopped_on_string(so_far[row].tolist(), params.stop):
+                        finish[row], live[row] = "stop", False
             if not live.any() or step == params.max_new_tokens - 1:
                 break
             # Finished rows keep receiving pad tokens: the batch shape stays fixed and their

@@ -60,7 +60,8 @@ class AlfWorldEnv(TextEnv):
         self._types = self._check_types(task_types)
         if expert not in EXPERTS:
             raise EnvConfigError(f"expert must be one of {EXPERTS}, got {expert!r}")
-        self._explorer: Explorer | None = Explorer() if expert == "explorer" else None
+        self._expert = expert
+        self._explorer: Explorer | None = None  # the explorer's memory of the current episode
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
             raise EnvConfigError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if data_dir is not None and not (pathlib.Path(data_dir) / "json_2.1.1").is_dir():
@@ -157,7 +158,7 @@ class AlfWorldEnv(TextEnv):
         # Saves planning at reset, which takes up to ~0.5 s on some pick-two games.
         self._plan = (self._engine.walkthrough() or None) if ref.planned else None
         self._won = bool(state["won"])
-        if self._explorer is not None:
+        if self._expert == "explorer":
             self._explorer = Explorer()
             self._explorer.observe(obs)
         info = {
