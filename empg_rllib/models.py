@@ -46,9 +46,11 @@ class ModelSize:
 
 MODEL_SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(256, 512, 4, 4, 2),  # ~4M parameters
-    "small": ModelSize(512, 1536, 8, 8, 2),  # ~27M parameters
+    "small": ModelSize(512, 1536, 8, 8, 2),  # ~28M parameters
 }
 
+#: Part of the cache key of built models: a new corpus makes a new tokenizer.
+CORPUS_VERSION = 2
 #: Environments whose expert episodes make up the tokenizer corpus.
 DEFAULT_CORPUS_ENVS = ("alfworld", "webshop", "deepsearch")
 FORMAT_WORDS = (
@@ -63,40 +65,46 @@ FORMAT_WORDS = (
 
 
 def _expert_episode_text(env_id: str, episodes: int, seed: int) -> Iterator[str]:
+    """The text a model reads and writes on `env_id`: the env's lexicon, then the user messages
+    and expert responses of expert episodes, rendered as the agent's prompts render them."""
     import envs  # envs is only needed when a corpus is built
+    from empg_rllib.prompting import HistoryTurn, PromptConfig, format_response, user_message
 
     rng = random.Random(seed)
+    prompt_config = PromptConfig(history_turns=1)
     for split in ("train", "eval_seen"):
         env = envs.make(env_id, split=split)
         try:
+            # Names no episode may show; twice, as BPE merges only pairs seen at least twice.
+            yield from 2 * ["".join(f" {name}" for name in env.unwrapped.lexicon)]
             for _ in range(episodes):
                 obs, info = env.reset(seed=rng.randrange(1 << 30))
-                yield info["instruction"]
-                yield obs
-                yield ", ".join(info.get("admissible_actions") or [])
+                history: list[HistoryTurn] = []
                 done = False
                 while not done:
                     action = envs.expert_action(env)
-                    yield f"<think>{info['instruction']}</think><action>{action}</action>"
+                    yield user_message(
+                        info["instruction"], obs, history, info.get("admissible_actions"), prompt_config, len(history)
+                    )
+                    yield format_response(action, info["instruction"])
+                    history.append(HistoryTurn(obs, action))
                     obs, _, terminated, truncated, info = env.step(action)
-                    yield obs
-                    yield ", ".join(info.get("admissible_actions") or [])
                     done = terminated or truncated
         finally:
             env.close()
 
 
 def corpus(
-    env_ids: Iterable[str] = DEFAULT_CORPUS_ENVS, episodes_per_env: int = 4, seed: int = 0
+    env_ids: Iterable[str] = DEFAULT_CORPUS_ENVS, episodes_per_env: int = 12, seed: int = 0
 ) -> list[str]:
     """Text for tokenizer training: prompts, the answer format and expert episodes of `env_ids`."""
     from empg_rllib.prompting import PromptConfig, format_instructions
 
     texts = [
-        PromptConfig().system_prompt,
+        # Twice, as BPE merges only pairs it has seen at least twice.
+        *2 * ["\n".join(FORMAT_WORDS), PromptConfig().system_prompt],
         format_instructions(PromptConfig(think=True)),
         format_instructions(PromptConfig(think=False)),
-        " ".join(FORMAT_WORDS),
         " ".join(str(i) for i in range(1000)),
     ]
     for env_id in env_ids:
@@ -106,11 +114,21 @@ def corpus(
 
 def build_tokenizer(texts: list[str], vocab_size: int = 4096):
     """Byte-level BPE trained on `texts`, with a ChatML template; a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # AutoTokenizer loads any qwen2-type model directory as a Qwen2Tokenizer, which splits text
+    # with Qwen2's own normaliser and regex; train with the same, or the merges learned here
+    # would be applied to different pieces at load time.
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -197,7 +215,9 @@ def resolve_model(spec: str) -> Path:
             if key != "seed" or not value.isdigit():
                 raise ValueError(f"bad model spec {spec!r}: expected '{size}:' or '{size}:seed=N'")
             seed = int(value)
-        key = hashlib.sha1(json.dumps([size, seed, asdict(MODEL_SIZES[size])]).encode()).hexdigest()[:10]
+        key = hashlib.sha1(
+            json.dumps([size, seed, asdict(MODEL_SIZES[size]), CORPUS_VERSION]).encode()
+        ).hexdigest()[:10]
         path = cache_dir("models") / f"{size}-seed{seed}-{key}"
         if not (path / "config.json").exists():
             logger.info("building offline %s model into %s", size, path)

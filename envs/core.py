@@ -59,6 +59,9 @@ class TextEnv(gym.Env):
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
     #: Task types this environment generates (used for per-type metrics).
     task_types: ClassVar[tuple[str, ...]] = ()
+    #: Names the environment's text uses (objects, places), whether or not a given episode
+    #: shows them: a tokenizer trained for the environment learns them as whole tokens.
+    lexicon: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, max_turns: int = 50, split: str = "train") -> None:
         if not isinstance(max_turns, int) or max_turns < 1:

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from empg_rllib import models
 from empg_rllib.cli import main
+from envs.alfworld.env import AlfWorldEnv
 
 
 def _params(model) -> int:
@@ -39,10 +41,24 @@ def test_tiny_model_loads_with_auto_classes(built_twice):
 
 def test_tokenizer_learned_environment_words(built_twice):
     tokenizer = AutoTokenizer.from_pretrained(built_twice[0], local_files_only=True)
-    # Words of the environments' text are single tokens (merged by BPE), unlike random letters.
-    for word in (" fridge", " countertop", " cabinet", " search"):
-        assert len(tokenizer.encode(word)) <= 2, word
+    # Words of the environments' text are single tokens (merged by BPE), unlike random letters;
+    # every ALFWorld name is, whether or not the corpus episodes showed it (the env's lexicon).
+    for word in (" search", " observation", " taken", *(f" {name}" for name in AlfWorldEnv.lexicon)):
+        assert len(tokenizer.encode(word)) == 1, word
     assert len(tokenizer.encode(" qzxvkj")) >= 3
+
+
+def test_loaded_tokenizer_splits_text_as_trained(built_twice):
+    # AutoTokenizer loads a qwen2 model directory as a Qwen2Tokenizer with Qwen2's own
+    # pre-tokenizer; the merges must have been learned on the same pieces.
+    trained = Tokenizer.from_file(str(built_twice[0] / "tokenizer.json"))
+    loaded = AutoTokenizer.from_pretrained(built_twice[0], local_files_only=True)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    text = (
+        "Your task is to: put some saltshaker on drawer.\n\nCurrent observation (step 12): "
+        "On the countertop 2, you see a bowl 1, and a apple 3.\nsystem\n<action>go to desk 10</action>"
+    )
+    assert loaded.encode(text, add_special_tokens=False) == trained.encode(text).ids
 
 
 def test_build_is_deterministic_for_a_seed(built_twice):

@@ -46,6 +46,7 @@ class AlfWorldEnv(TextEnv):
     """The ALFWorld TextWorld engine with a Fast Downward expert."""
 
     task_types = generator.TASK_TYPES
+    lexicon = generator.LEXICON
 
     def __init__(
         self,

@@ -156,6 +156,15 @@ ROOMS: dict[str, RoomKind] = {
 }
 
 
+#: Every object, receptacle and lamp name as the game text writes it ("saltshaker").
+LEXICON: tuple[str, ...] = tuple(
+    sorted(
+        {name.lower() for room in ROOMS.values() for name in (*room.objects, *room.receptacle_types)}
+        | {lamp.lower() for lamp in LAMPS}
+    )
+)
+
+
 def can_contain(receptacle: str, obj: str) -> bool:
     return obj in alfred_constants.VAL_RECEPTACLE_OBJECTS.get(receptacle, ())
 
