@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "tuned_examples" / "demo.yaml"
 
@@ -132,8 +132,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
         f"SFT: {summary['demonstrations']} demonstration turns (expert success {summary['expert_success']:.0%}), "
         f"epoch losses {[round(x, 3) for x in summary['epoch_losses']]}, "
         f"{summary['collect_s']:.0f}s collecting + {summary['train_s']:.0f}s training -> {summary['model']}"
+        f"{_heldout_line(exp, summary)}"
     )
     return 0
+
+
+def _heldout_line(exp: Any, summary: dict[str, Any]) -> str:
+    """The held-out probability of the expert's action per verb, as one line (or nothing)."""
+    probabilities = summary["heldout_action_probability"]
+    if not probabilities:
+        return ""
+    shown = ", ".join(f"{verb} {p:.2f}" for verb, p in probabilities.items())
+    return f"\n   P(expert action) on {exp.sft.heldout_episodes} {exp.sft.heldout_split} expert episodes: {shown}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sft = run_sft(exp, run_dir / "sft_model")
     console.print(
         f"2. SFT: {sft['demonstrations']} demonstration turns, losses {[round(x, 3) for x in sft['epoch_losses']]} "
-        f"({sft['collect_s'] + sft['train_s']:.0f}s)"
+        f"({sft['collect_s'] + sft['train_s']:.0f}s){_heldout_line(exp, sft)}"
     )
     rl_exp = exp.model_copy(update={"model": sft["model"]})
     splits, episodes = exp.evaluation.splits, exp.evaluation.episodes

@@ -53,6 +53,10 @@ class SFTSettings(_Strict):
     split: str = "train"
     bf16_autocast: bool = True
     prompt_loss_weight: float = Field(0.0, ge=0)  # >0: also model the prompt text (from-scratch models)
+    # >0: after training, the mean probability of the expert's action on this many expert
+    # episodes of `heldout_split`, overall and per action verb.
+    heldout_episodes: int = Field(0, ge=0)
+    heldout_split: Literal["train", "eval_seen", "eval_unseen"] = "eval_seen"
 
 
 class Experiment(_Strict):

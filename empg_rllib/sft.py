@@ -11,9 +11,12 @@ cloning of the policy that will actually act.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +27,10 @@ import envs
 from empg_rllib.fileio import atomic_directory
 from empg_rllib.inference.choices import ChoiceTrie, pad_allowed
 from empg_rllib.prompting import HistoryTurn, PromptConfig, action_choices, build_prompt_ids, format_response
-from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
+from empg_rllib.scoring import left_pad, position_ids, score_responses, scores_of_tokens
 
 logger = logging.getLogger(__name__)
+_VERB = re.compile(r"[A-Za-z_]+")
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Demonstration:
     response_ids: list[int]
     task_type: str
     allowed: list[list[int]] | None = None  # constrained decoding: allowed ids per response token
+    action: str = ""  # the expert's action as the environment received it
 
 
 def allowed_along(choices: list[list[int]], response: list[int]) -> list[list[int]] | None:
@@ -78,7 +83,7 @@ def collect_demonstrations(
                 allowed = None
                 if constrain_actions and info.get("admissible_actions"):
                     allowed = allowed_along(action_choices(tokenizer, info["admissible_actions"], encoded), response)
-                turns.append(Demonstration(prompt, response, info["task_type"], allowed))
+                turns.append(Demonstration(prompt, response, info["task_type"], allowed, action))
                 history.append(HistoryTurn(obs, action))
                 obs, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
@@ -154,6 +159,28 @@ def train_sft(
     return epoch_losses
 
 
+def action_probabilities(
+    model: Any, demos: list[Demonstration], pad_id: int, temperature: float = 1.0, batch_size: int = 16
+) -> dict[str, float]:
+    """Mean probability the policy gives the expert's whole action, over all turns ("all") and
+    per verb (the action's leading word: "take", "search"); over the allowed tokens where the
+    demos carry them. The mean SFT loss hides the few decisions that matter (which object to
+    take) among many forced or easy tokens; on held-out demonstrations this shows them."""
+    by_verb: dict[str, list[float]] = defaultdict(list)
+    for start in range(0, len(demos), batch_size):
+        chunk = demos[start : start + batch_size]
+        allowed = [d.allowed for d in chunk] if any(d.allowed is not None for d in chunk) else None
+        logps, _ = score_responses(
+            model, [d.prompt_ids for d in chunk], [d.response_ids for d in chunk], pad_id, temperature, allowed
+        )
+        for demo, logp in zip(chunk, logps):
+            probability = math.exp(sum(logp))
+            by_verb["all"].append(probability)
+            verb = _VERB.match(demo.action.strip())
+            by_verb[verb.group() if verb else "(other)"].append(probability)
+    return {verb: sum(ps) / len(ps) for verb, ps in sorted(by_verb.items())}
+
+
 def _length_bucketed_batches(
     demos: list[Demonstration], batch_size: int, generator: torch.Generator, bucket_batches: int = 8
 ) -> list[list[int]]:
@@ -207,11 +234,25 @@ def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float
         prompt_loss_weight=exp.sft.prompt_loss_weight,
     )
     path = save_model(model, tokenizer, out_dir)
+    trained = time.perf_counter()
+    heldout: dict[str, float] = {}
+    if exp.sft.heldout_episodes:
+        held, _ = collect_demonstrations(
+            tokenizer,
+            lambda: envs.make(exp.env, **{**env_config, "split": exp.sft.heldout_split}),
+            exp.sft.heldout_episodes,
+            prompt_config,
+            seed=exp.seed + 1,
+            constrain_actions=exp.constrain_actions,
+        )
+        heldout = action_probabilities(model, held, tokenizer.pad_token_id, exp.temperature)
     return {
         "model": str(path),
         "demonstrations": len(demos),
         "expert_success": expert_success,
         "epoch_losses": losses,
+        "heldout_action_probability": heldout,
         "collect_s": collected - started,
-        "train_s": time.perf_counter() - collected,
+        "train_s": trained - collected,
+        "heldout_s": time.perf_counter() - trained,
     }

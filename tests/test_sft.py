@@ -8,7 +8,7 @@ import pytest
 
 import envs
 from empg_rllib.prompting import PromptConfig, parse_response
-from empg_rllib.sft import allowed_along, collect_demonstrations, save_model, train_sft
+from empg_rllib.sft import Demonstration, action_probabilities, allowed_along, collect_demonstrations, save_model, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,18 @@ def test_allowed_along_follows_the_choice_trie():
     assert allowed_along(choices, [7]) is None
 
 
-def test_constrained_demonstrations_train_the_constrained_policy(tiny_model):
+@pytest.fixture(scope="module")
+def constrained_demos(tiny_model):
     pytest.importorskip("alfworld")
-    tokenizer, model = tiny_model
+    tokenizer, _ = tiny_model
     config = PromptConfig(think=False, history_turns=1, list_admissible_actions=False)
     make = lambda: envs.make("alfworld", max_turns=20, expert="explorer", task_types=["pick_and_place_simple"])  # noqa: E731
-    turns, success = collect_demonstrations(tokenizer, make, 2, config, seed=1, constrain_actions=True)
+    return collect_demonstrations(tokenizer, make, 2, config, seed=1, constrain_actions=True)
+
+
+def test_constrained_demonstrations_train_the_constrained_policy(tiny_model, constrained_demos):
+    tokenizer, model = tiny_model
+    turns, success = constrained_demos
     assert success == 1.0 and turns
     for d in turns:
         assert d.allowed is not None and len(d.allowed) == len(d.response_ids)
@@ -68,3 +74,35 @@ def test_constrained_demonstrations_train_the_constrained_policy(tiny_model):
     # Forced tokens cost nothing under the constraint, so even the first epoch is far below
     # the ~7.5 nats/token of an untrained model over the full vocabulary.
     assert losses[0] < 2.0 and losses[-1] < 0.8 * losses[0]
+
+
+def test_action_probabilities_per_verb_rise_with_training(tiny_model, constrained_demos):
+    tokenizer, model = tiny_model
+    turns, _ = constrained_demos
+    verbs = {d.action.split()[0] for d in turns}
+    assert {"go", "take", "move"} <= verbs
+    before = action_probabilities(model, turns, tokenizer.pad_token_id)
+    assert set(before) == verbs | {"all"} and all(0 < p < 1 for p in before.values())
+    trained = copy.deepcopy(model)
+    train_sft(trained, turns, tokenizer.pad_token_id, epochs=4, lr=3e-3, batch_size=8)
+    after = action_probabilities(trained, turns, tokenizer.pad_token_id)
+    assert after["all"] > before["all"] + 0.1
+    # A response whose every token is the only one allowed is certain under the constraint.
+    forced = Demonstration(turns[0].prompt_ids, turns[0].response_ids, "x", [[t] for t in turns[0].response_ids], "go to x")
+    assert action_probabilities(model, [forced], tokenizer.pad_token_id) == pytest.approx({"all": 1.0, "go": 1.0})
+
+
+def test_cli_sft_saves_the_model_and_reports_held_out_action_probabilities(tmp_path, capsys):
+    from empg_rllib.cli import main
+
+    experiment = tmp_path / "x.yaml"
+    experiment.write_text(
+        "name: sft-test\nenv: deepsearch\nmax_turns: 6\nthink: false\n"
+        f"run_dir: {tmp_path / 'runs'}\n"
+        "sft: {episodes: 4, epochs: 1, batch_size: 8, heldout_episodes: 2, heldout_split: eval_unseen}\n"
+    )
+    assert main(["sft", str(experiment), "--out", str(tmp_path / "model")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (tmp_path / "model" / "config.json").exists()
+    assert "P(expert action) on 2 eval_unseen expert episodes: all " in out
+    assert "search " in out and "answer " in out
