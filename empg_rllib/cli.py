@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sft_dir = run_dir_of(exp) / "sft_model"
         if not (sft_dir / "config.json").exists():
             with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
-                run_sft(exp, sft_dir)
+                console.print(_sft_line(exp, run_sft(exp, sft_dir)))
         model_path = str(sft_dir)
         console.print(f"warm start: {model_path}")
     with ray_session():
@@ -127,23 +127,21 @@ def cmd_sft(args: argparse.Namespace) -> int:
     exp = _load_experiment(args.experiment, args.set)
     _quiet_libraries()
     out = args.out or run_dir_of(exp) / "sft_model"
-    summary = run_sft(exp, out)
-    _console().print(
-        f"SFT: {summary['demonstrations']} demonstration turns (expert success {summary['expert_success']:.0%}), "
-        f"epoch losses {[round(x, 3) for x in summary['epoch_losses']]}, "
-        f"{summary['collect_s']:.0f}s collecting + {summary['train_s']:.0f}s training -> {summary['model']}"
-        f"{_heldout_line(exp, summary)}"
-    )
+    _console().print(_sft_line(exp, run_sft(exp, out)))
     return 0
 
 
-def _heldout_line(exp: Any, summary: dict[str, Any]) -> str:
-    """The held-out probability of the expert's action per verb, as one line (or nothing)."""
-    probabilities = summary["heldout_action_probability"]
-    if not probabilities:
-        return ""
-    shown = ", ".join(f"{verb} {p:.2f}" for verb, p in probabilities.items())
-    return f"\n   P(expert action) on {exp.sft.heldout_episodes} {exp.sft.heldout_split} expert episodes: {shown}"
+def _sft_line(exp: Any, summary: dict[str, Any]) -> str:
+    """What an SFT run did, and the held-out probability of the expert's action per verb."""
+    line = (
+        f"SFT: {summary['demonstrations']} demonstration turns (expert success {summary['expert_success']:.0%}), "
+        f"epoch losses {[round(x, 3) for x in summary['epoch_losses']]}, "
+        f"{summary['collect_s']:.0f}s collecting + {summary['train_s']:.0f}s training -> {summary['model']}"
+    )
+    if probabilities := summary["heldout_action_probability"]:
+        shown = ", ".join(f"{verb} {p:.2f}" for verb, p in probabilities.items())
+        line += f"\n   P(expert action) on {exp.sft.heldout_episodes} {exp.sft.heldout_split} expert episodes: {shown}"
+    return line
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -165,10 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"1. model {base_model} ({time.perf_counter() - started:.0f}s)")
     with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
         sft = run_sft(exp, run_dir / "sft_model")
-    console.print(
-        f"2. SFT: {sft['demonstrations']} demonstration turns, losses {[round(x, 3) for x in sft['epoch_losses']]} "
-        f"({sft['collect_s'] + sft['train_s']:.0f}s){_heldout_line(exp, sft)}"
-    )
+    console.print(f"2. {_sft_line(exp, sft)}")
     rl_exp = exp.model_copy(update={"model": sft["model"]})
     splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
     with ray_session():
