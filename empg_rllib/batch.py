@@ -57,9 +57,7 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
         if r:
             resp_mask[row, width - 1 - r :] = 1.0
             sampler_logp[row, width - 1 - r :] = turn.logprobs
-    allowed = None
-    if any(t.allowed_token_ids is not None for _, _, t in rows):
-        allowed = pad_allowed([t.allowed_token_ids for _, _, t in rows], max(len(t.response_ids) for _, _, t in rows))
+    allowed = pad_allowed([t.allowed_token_ids for _, _, t in rows], max(len(t.response_ids) for _, _, t in rows))
     return TurnBatch(
         input_ids,
         attention_mask,

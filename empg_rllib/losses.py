@@ -33,21 +33,11 @@ def log_softmax_and_entropy(
     return log_probs, -(log_probs.exp() * finite).sum(-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token | prefix) at `temperature`; logits [B, T, V] already aligned with tokens [B, T]."""
-    return token_logprobs_and_entropy(logits, tokens, temperature)[0]
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Full-vocabulary Shannon entropy -sum_v p(v) log p(v) of softmax(logits / temperature)."""
-    return log_softmax_and_entropy(logits, temperature)[1]
-
-
 def token_logprobs_and_entropy(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_logprobs` and `token_entropy` from one log-softmax over the vocabulary (the
-    expensive part of both)."""
+    """log pi(token | prefix) at `temperature` and the full-vocabulary entropy, from one
+    log-softmax; logits [B, T, V] already aligned with tokens [B, T]."""
     log_probs, entropy = log_softmax_and_entropy(logits, temperature, allowed)
     return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
 

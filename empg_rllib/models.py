@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from envs.core import cache_dir
 from empg_rllib.fileio import atomic_directory
+from envs.core import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,12 @@ def _expert_episode_text(env_id: str, episodes: int, seed: int) -> Iterator[str]
     """The text a model reads and writes on `env_id`: the env's lexicon, then the user messages
     and expert responses of expert episodes, rendered as the agent's prompts render them."""
     import envs  # envs is only needed when a corpus is built
-    from empg_rllib.prompting import HistoryTurn, PromptConfig, format_response, user_message
+    from empg_rllib.prompting import (
+        HistoryTurn,
+        PromptConfig,
+        format_response,
+        user_message,
+    )
 
     rng = random.Random(seed)
     prompt_config = PromptConfig(history_turns=1)
@@ -114,7 +119,16 @@ def corpus(
 
 def build_tokenizer(texts: list[str], vocab_size: int = 4096):
     """Byte-level BPE trained on `texts`, with a ChatML template; a PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 

@@ -79,7 +79,8 @@ def score_responses(
     `allowed` gives, per response, the allowed token ids of each position (constrained
     decoding) or None."""
     logits, tokens, mask = response_logits(model, prompts, responses, pad_id)
-    allowed_ids = torch.as_tensor(pad_allowed(allowed, tokens.shape[1])) if allowed is not None else None
+    padded = pad_allowed(allowed, tokens.shape[1]) if allowed is not None else None
+    allowed_ids = torch.as_tensor(padded) if padded is not None else None
     logp, entropy = scores_of_tokens(logits, tokens, temperature, allowed_ids)
     out_logp, out_entropy = [], []
     for row, r in enumerate(responses):

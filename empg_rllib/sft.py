@@ -136,10 +136,8 @@ def train_sft(
             for row, d in enumerate(chunk):
                 response[row, ids.shape[1] - len(d.response_ids) :] = 1.0
             weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
-            allowed = None
-            if any(d.allowed is not None for d in chunk):
-                width = max(len(d.response_ids) for d in chunk)
-                allowed = torch.as_tensor(pad_allowed([d.allowed for d in chunk], width))
+            padded = pad_allowed([d.allowed for d in chunk], max(len(d.response_ids) for d in chunk))
+            allowed = torch.as_tensor(padded) if padded is not None else None
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
             token_loss = -scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0]
@@ -169,9 +167,13 @@ def action_probabilities(
     by_verb: dict[str, list[float]] = defaultdict(list)
     for start in range(0, len(demos), batch_size):
         chunk = demos[start : start + batch_size]
-        allowed = [d.allowed for d in chunk] if any(d.allowed is not None for d in chunk) else None
         logps, _ = score_responses(
-            model, [d.prompt_ids for d in chunk], [d.response_ids for d in chunk], pad_id, temperature, allowed
+            model,
+            [d.prompt_ids for d in chunk],
+            [d.response_ids for d in chunk],
+            pad_id,
+            temperature,
+            [d.allowed for d in chunk],
         )
         for demo, logp in zip(chunk, logps):
             probability = math.exp(sum(logp))

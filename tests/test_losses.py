@@ -10,10 +10,10 @@ import torch
 from empg_rllib.losses import (
     clipped_surrogate,
     kl_k3,
+    log_softmax_and_entropy,
     masked_aggregate,
     policy_loss,
-    token_entropy,
-    token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 
@@ -87,11 +87,14 @@ def test_kl_term_enters_loss():
 
 
 def test_entropy_full_vocab_and_temperature():
+    def token_entropy(logits, temperature=1.0):
+        return log_softmax_and_entropy(logits, temperature)[1]
+
     logits = torch.zeros(1, 1, 8)
     assert token_entropy(logits).item() == pytest.approx(math.log(8), rel=1e-6)
     peaked = torch.tensor([[[4.0, 0.0, 0.0]]])
     assert token_entropy(peaked, 0.5).item() < token_entropy(peaked, 1.0).item() < token_entropy(peaked, 2.0).item()
-    lp = token_logprobs(peaked, torch.tensor([[0]]), temperature=2.0)
+    lp, _ = token_logprobs_and_entropy(peaked, torch.tensor([[0]]), temperature=2.0)
     assert lp.item() == pytest.approx(torch.log_softmax(peaked / 2.0, -1)[0, 0, 0].item())
 
 
@@ -102,7 +105,6 @@ def test_unknown_aggregation_names_options():
 
 def test_allowed_mask_renormalises_logprobs_and_entropy():
     from empg_rllib.inference.choices import allowed_mask
-    from empg_rllib.losses import log_softmax_and_entropy
 
     logits = torch.randn(2, 3, 6, requires_grad=True)
     allowed_ids = torch.tensor([[[1, 4, -1], [2, -1, -1], [-1, -1, -1]], [[0, 1, 5], [3, 4, -1], [5, -1, -1]]])

@@ -8,7 +8,14 @@ import pytest
 
 import envs
 from empg_rllib.prompting import PromptConfig, parse_response
-from empg_rllib.sft import Demonstration, action_probabilities, allowed_along, collect_demonstrations, save_model, train_sft
+from empg_rllib.sft import (
+    Demonstration,
+    action_probabilities,
+    allowed_along,
+    collect_demonstrations,
+    save_model,
+    train_sft,
+)
 
 
 @pytest.fixture(scope="module")

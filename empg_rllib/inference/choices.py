@@ -50,9 +50,12 @@ def allowed_mask(allowed_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return mask[..., :vocab_size] | unconstrained
 
 
-def pad_allowed(per_row: Sequence[Sequence[Sequence[int]] | None], width: int) -> np.ndarray:
+def pad_allowed(per_row: Sequence[Sequence[Sequence[int]] | None], width: int) -> np.ndarray | None:
     """[rows, width, K] int32, -1 padded, each row's lists right-aligned in `width` positions
-    (the layout of left-padded responses); None rows stay unconstrained."""
+    (the layout of left-padded responses); None rows stay unconstrained, and with no
+    constrained row at all there is nothing to mask: None."""
+    if not any(per_row):
+        return None
     k = max((len(ids) for row in per_row if row for ids in row), default=1)
     out = np.full((len(per_row), width, k), -1, dtype=np.int32)
     for r, row in enumerate(per_row):

@@ -23,8 +23,8 @@ import re
 from typing import Any, Iterator, Sequence
 
 from envs.alfworld import games, generator, speedups
-from envs.alfworld.explorer import Explorer
 from envs.alfworld.engine import Engine
+from envs.alfworld.explorer import Explorer
 from envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv, cache_dir
 
 NOTHING_HAPPENS = "Nothing happens."

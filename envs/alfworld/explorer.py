@@ -72,9 +72,10 @@ class Explorer:
         name, receptacle = wanted
         destinations = {m.group("r") for a in plan if (m := _PUT.match(a))}
         for action in admissible:
-            if (m := _INTERACT.match(action)) and (m.group("obj") or m.group("lamp")) == name:
-                if not any(action.endswith(f"from {d}") for d in destinations):
-                    return action
+            m = _INTERACT.match(action)
+            wanted_here = m is not None and (m.group("obj") or m.group("lamp")) == name
+            if wanted_here and not any(action.endswith(f"from {d}") for d in destinations):
+                return action
         if receptacle in self.seen:
             return plan[0]
         here = self.location
