@@ -9,6 +9,10 @@ An action is valid iff it is one of `info["admissible_actions"]`: the engine's a
 commands without "help" (a static command reference that agents given the list do not need).
 Anything else gets the engine's "Nothing happens." without touching the game, as in ALFWorld.
 
+`distractors` (generated games only): the least and most object types placed in a room besides
+the task's, default (4, 7). Fewer make a curriculum: with none, whatever object is in view is
+the one to take, so a policy need not match object names to the task to succeed.
+
 `expert`: "planner" plays Fast Downward's optimal plan from the true game state (it walks straight
 to hidden objects); "explorer" searches for objects it has not seen (`explorer.py`), so its
 demonstrations can be imitated by a policy that only reads observations.
@@ -56,6 +60,7 @@ class AlfWorldEnv(TextEnv):
         num_tasks: int | None = None,
         data_dir: str | None = None,
         expert: str = "planner",
+        distractors: Sequence[int] = generator.DEFAULT_DISTRACTORS,
     ) -> None:
         super().__init__(max_turns=max_turns, split=split)
         self._types = self._check_types(task_types)
@@ -70,7 +75,9 @@ class AlfWorldEnv(TextEnv):
         self.data_dir = data_dir if data_dir is not None else _default_data_dir()
         speedups.install()
         self._engine = Engine()
-        self._generated = games.GeneratedGames(cache_dir("alfworld"), self._engine)
+        self._generated = games.GeneratedGames(
+            cache_dir("alfworld"), self._engine, self._check_distractors(distractors)
+        )
         if self.data_dir:
             found = [
                 g for g in games.official_games(self.data_dir, split) if g.task_type in self._types
@@ -88,6 +95,15 @@ class AlfWorldEnv(TextEnv):
         self._admissible: list[str] = []
         self._plan: list[str] | None = None
         self._won = False
+
+    @staticmethod
+    def _check_distractors(distractors: Sequence[int]) -> tuple[int, int]:
+        pair = tuple(distractors) if isinstance(distractors, (list, tuple)) else ()
+        if len(pair) != 2 or not all(type(n) is int for n in pair) or not 0 <= pair[0] <= pair[1]:
+            raise EnvConfigError(
+                f"distractors must be [fewest, most], two ints with 0 <= fewest <= most, got {distractors!r}"
+            )
+        return pair
 
     @staticmethod
     def _check_types(task_types: Sequence[str] | None) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 A game is a folder with `game.tw-pddl` (domain, grammar with the task text, problem, `solvable`,
 `walkthrough`) and `traj_data.json` next to it, the layout alfworld's own loader reads.
-Generated games live under `<cache>/generated-v<N>/<split>/<task type>/<index>/`; they are
+Generated games live under `<cache>/generated-v<N>/<split>/<task type>/<index>/` (a folder
+`generated-v<N>-distractors<lo>-<hi>` for a non-default number of distractors); they are
 written once (temp file + `os.replace`, `game.tw-pddl` last, so its presence means complete) and
 reused by every later process. Concurrent writers produce identical bytes, so a race is harmless.
 """
@@ -76,9 +77,18 @@ def _write_atomic(path: pathlib.Path, data: dict[str, Any]) -> None:
 class GeneratedGames:
     """Generated games of one cache folder, made on first use with `engine` checking each."""
 
-    def __init__(self, root: pathlib.Path, engine: Engine) -> None:
-        self.root = root / f"generated-v{generator.GENERATOR_VERSION}"
+    def __init__(
+        self,
+        root: pathlib.Path,
+        engine: Engine,
+        distractors: tuple[int, int] = generator.DEFAULT_DISTRACTORS,
+    ) -> None:
+        name = f"generated-v{generator.GENERATOR_VERSION}"
+        if distractors != generator.DEFAULT_DISTRACTORS:
+            name += "-distractors{}-{}".format(*distractors)
+        self.root = root / name
         self._engine = engine
+        self._distractors = distractors
 
     def folder(self, split: str, task_type: str, index: int) -> pathlib.Path:
         return self.root / split / task_type / f"{index:06d}"
@@ -94,7 +104,7 @@ class GeneratedGames:
 
     def _generate(self, split: str, task_type: str, index: int, folder: pathlib.Path) -> None:
         for attempt in range(_MAX_ATTEMPTS):
-            problem = generator.generate(split, task_type, index, attempt)
+            problem = generator.generate(split, task_type, index, attempt, self._distractors)
             game = _game_json(problem)
             walkthrough = self._solve(game)
             if walkthrough:

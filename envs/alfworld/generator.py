@@ -53,6 +53,8 @@ LAMPS: tuple[str, ...] = ("DeskLamp", "FloorLamp")
 # Lamps stand on furniture that is never closed (ToggleObject needs the lamp in a receptacle).
 LAMP_HOLDERS: tuple[str, ...] = ("Desk", "Dresser", "SideTable")
 _OPEN_PROB: dict[str, float] = {"Cabinet": 0.3, "Drawer": 0.3}
+#: How many object types other than the task's are scattered in a room: (fewest, most).
+DEFAULT_DISTRACTORS: tuple[int, int] = (4, 7)
 
 # Held out for eval_unseen: train and eval_seen never have a task on one of these pairs
 # (distractor placements are unrestricted). Chosen so that each task type keeps both seen and
@@ -269,9 +271,10 @@ def _draw_receptacles(
 
 def _place_objects(
     rng: random.Random, task_type: str, room: RoomKind, obj: str, parent: str, toggle: str,
-    recep_type: dict[str, str],
+    recep_type: dict[str, str], distractors: tuple[int, int],
 ) -> dict[str, str]:
-    """Object id -> receptacle id: the targets, the lamp, and 4-7 distractor types."""
+    """Object id -> receptacle id: the targets, the lamp, and `distractors` (a range) other
+    object types, one or two of each."""
 
     def instances_of(types: set[str]) -> list[str]:
         return sorted(rid for rid, r in recep_type.items() if r in types)
@@ -284,16 +287,21 @@ def _place_objects(
     if toggle:
         placement[_mangle(toggle, 1)] = rng.choice(instances_of(set(LAMP_HOLDERS)))
     present = set(recep_type.values())
-    distractors = [o for o in room.objects if o != obj]
-    for other in rng.sample(distractors, rng.randint(4, min(7, len(distractors)))):
+    others = [o for o in room.objects if o != obj]
+    fewest, most = distractors
+    for other in rng.sample(others, rng.randint(min(fewest, len(others)), min(most, len(others)))):
         fits = instances_of({r for r in present if can_contain(r, other)})
         for n in range(1, rng.randint(1, 2) + 1) if fits else ():
             placement[_mangle(other, n)] = rng.choice(fits)
     return placement
 
 
-def generate(split: str, task_type: str, index: int, attempt: int = 0) -> Problem:
-    """The problem for task `index` of `task_type` in `split` (`attempt` > 0: a resample)."""
+def generate(
+    split: str, task_type: str, index: int, attempt: int = 0,
+    distractors: tuple[int, int] = DEFAULT_DISTRACTORS,
+) -> Problem:
+    """The problem for task `index` of `task_type` in `split` (`attempt` > 0: a resample), with
+    between `distractors[0]` and `distractors[1]` object types besides the task's."""
     rng = random.Random(f"alfworld-gen-v{GENERATOR_VERSION}:{split}:{task_type}:{index}:{attempt}")
     pairs = split_pairs(split, task_type)
     if not pairs:
@@ -305,7 +313,7 @@ def generate(split: str, task_type: str, index: int, attempt: int = 0) -> Proble
     parent, toggle = ("", target) if look else (target, "")
 
     recep_type = _draw_receptacles(rng, task_type, room, obj, parent, toggle)
-    placement = _place_objects(rng, task_type, room, obj, parent, toggle, recep_type)
+    placement = _place_objects(rng, task_type, room, obj, parent, toggle, recep_type, distractors)
     opened = sorted(r for r in recep_type if rng.random() < _OPEN_PROB.get(recep_type[r], 0.0))
     locations = {rid: f"loc_bar_{i}" for i, rid in enumerate(recep_type, start=1)}
     # alfworld's own add_task_to_grammar picks the template with the global `random`.

@@ -96,6 +96,52 @@ def test_generated_pairs_respect_split(split):
             assert (pair in generator.UNSEEN_PAIRS) == (split == "eval_unseen"), (task_type, pair)
 
 
+def _object_types(problem: generator.Problem) -> set[str]:
+    return {
+        line.split()[2].removesuffix("Type)")
+        for line in problem.pddl_problem.splitlines()
+        if line.strip().startswith("(objectType ")
+    }
+
+
+def test_distractors_bound_the_other_object_types():
+    for task_type in ("pick_and_place_simple", "look_at_obj_in_light"):
+        for index in range(20):
+            default = generator.generate("train", task_type, index)
+            # The default range is the one every cached game was made with.
+            assert default == generator.generate("train", task_type, index, distractors=(4, 7))
+            params = default.traj_data["pddl_params"]
+            task_objects = {params["object_target"], params["toggle_target"]} - {""}
+            assert 4 <= len(_object_types(default) - task_objects) <= 7
+            bare = generator.generate("train", task_type, index, distractors=(0, 0))
+            assert _object_types(bare) == task_objects
+            assert bare.traj_data["pddl_params"] == params
+            some = generator.generate("train", task_type, index, distractors=(1, 2))
+            assert 1 <= len(_object_types(some) - task_objects) <= 2
+
+
+def test_games_without_distractors_are_cached_apart_and_playable():
+    env = envs.make(
+        "alfworld", split="eval_unseen", task_types=["pick_and_place_simple"], num_tasks=2,
+        expert="explorer", distractors=[0, 0],
+    )
+    default_root = games.GeneratedGames(pathlib.Path("cache"), env.unwrapped._engine).root
+    assert env.unwrapped._generated.root.name != default_root.name
+    _, info = env.reset(options={"task": 1})
+    target = info["instruction"].split()[2]  # "put a/some <object> in/on <receptacle>"
+    won, _ = play_expert(env)
+    assert won
+    # Only the task's object is takeable in such a room.
+    env.reset(options={"task": 1})
+    for _ in range(15):
+        takes = {a.split()[1] for a in env.unwrapped._admissible if a.startswith("take ")}
+        assert takes <= {target}
+        _, _, done, _, _ = env.step(envs.expert_action(env))
+        if done:
+            break
+    env.close()
+
+
 def test_problem_never_starts_won():
     # No instance of the target type may start in a receptacle of the goal type.
     for task_type in ("pick_and_place_simple", "pick_two_obj_and_place", "pick_heat_then_place_in_recep"):
@@ -229,6 +275,9 @@ def test_config_validation():
     for bad in ({"task_types": ["cooking"]}, {"num_tasks": 0}, {"split": "test"}, {"data_dir": "/nonexistent"}):
         with pytest.raises(EnvConfigError):
             envs.make("alfworld", **bad)
+    for bad in ([1], [3, 1], [-1, 2], 2, [0.5, 1], "0,0"):
+        with pytest.raises(EnvConfigError, match="distractors"):
+            envs.make("alfworld", distractors=bad)
 
 
 def test_generated_games_are_cached(split_envs, monkeypatch):
