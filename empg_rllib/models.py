@@ -91,7 +91,7 @@ def _expert_episode_text(env_id: str, episodes: int, seed: int) -> Iterator[str]
                     yield user_message(
                         info["instruction"], obs, history, info.get("admissible_actions"), prompt_config, len(history)
                     )
-                    yield format_response(action, info["instruction"])
+                    yield format_response(action, thought=info["instruction"])
                     history.append(HistoryTurn(obs, action))
                     obs, _, terminated, truncated, info = env.step(action)
                     done = terminated or truncated

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from empg_rllib.inference.choices import allowed_mask, pad_allowed
+from empg_rllib.inference.choices import allowed_mask, allowed_tensor
 from empg_rllib.losses import token_logprobs_and_entropy
 
 
@@ -79,8 +79,7 @@ def score_responses(
     `allowed` gives, per response, the allowed token ids of each position (constrained
     decoding) or None."""
     logits, tokens, mask = response_logits(model, prompts, responses, pad_id)
-    padded = pad_allowed(allowed, tokens.shape[1]) if allowed is not None else None
-    allowed_ids = torch.as_tensor(padded) if padded is not None else None
+    allowed_ids = allowed_tensor(allowed, tokens.shape[1])
     logp, entropy = scores_of_tokens(logits, tokens, temperature, allowed_ids)
     out_logp, out_entropy = [], []
     for row, r in enumerate(responses):

@@ -25,7 +25,7 @@ import torch
 
 import envs
 from empg_rllib.fileio import atomic_directory
-from empg_rllib.inference.choices import ChoiceTrie, pad_allowed
+from empg_rllib.inference.choices import ChoiceTrie, allowed_tensor
 from empg_rllib.prompting import HistoryTurn, PromptConfig, action_choices, build_prompt_ids, format_response
 from empg_rllib.scoring import left_pad, position_ids, score_responses, scores_of_tokens
 
@@ -136,8 +136,7 @@ def train_sft(
             for row, d in enumerate(chunk):
                 response[row, ids.shape[1] - len(d.response_ids) :] = 1.0
             weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
-            padded = pad_allowed([d.allowed for d in chunk], max(len(d.response_ids) for d in chunk))
-            allowed = torch.as_tensor(padded) if padded is not None else None
+            allowed = allowed_tensor([d.allowed for d in chunk], max(len(d.response_ids) for d in chunk))
             with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
             token_loss = -scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0]

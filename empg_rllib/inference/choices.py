@@ -63,3 +63,9 @@ def pad_allowed(per_row: Sequence[Sequence[Sequence[int]] | None], width: int) -
             for j, ids in enumerate(row):
                 out[r, width - len(row) + j, : len(ids)] = ids
     return out
+
+
+def allowed_tensor(per_row: Sequence[Sequence[Sequence[int]] | None] | None, width: int) -> torch.Tensor | None:
+    """`pad_allowed` as a tensor for scoring; None when no row (or no `per_row`) is constrained."""
+    padded = pad_allowed(per_row or (), width)
+    return None if padded is None else torch.as_tensor(padded)
