@@ -60,6 +60,26 @@ def group_advantages(
     return advantages
 
 
+def step_entropy(token_entropy: Any, response_mask: Any, choice_mask: Any | None = None) -> np.ndarray:
+    """Eq. 1: H_t of each step (row), the mean of its tokens' full-vocabulary entropies.
+
+    `token_entropy`, `response_mask`: [steps, tokens]; the mask marks the step's generated tokens.
+    Without `choice_mask` ("all_tokens") this is the paper's definition: every generated token
+    counts. With constrained decoding most tokens of an action are forced (a single allowed id,
+    entropy 0), so the mean over all tokens shrinks with the length of the action string and a
+    long action looks confident. `choice_mask` ("choice_tokens", a project choice) keeps only the
+    tokens where the policy had more than one option; a step with no such token (the
+    environment admitted a single action) gets H_t = 0: there was nothing to be uncertain about.
+    """
+    entropy = np.asarray(token_entropy, dtype=np.float64)
+    mask = np.asarray(response_mask, dtype=np.float64)
+    if choice_mask is not None:
+        mask = mask * np.asarray(choice_mask, dtype=np.float64)
+    if entropy.shape != mask.shape or entropy.ndim != 2:
+        raise ValueError(f"token_entropy {entropy.shape} and the masks {mask.shape} must be the same [steps, tokens]")
+    return (entropy * mask).sum(-1) / np.maximum(mask.sum(-1), 1)
+
+
 class EMPGTerms(NamedTuple):
     """Per-step intermediate quantities of EMPG, for metrics and inspection."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -24,12 +25,14 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
 
+from empg_rllib.advantages import step_entropy
 from empg_rllib.batch import build_turn_batch, drop_uninformative_groups, episode_advantages, token_advantages
 from empg_rllib.env_runner import LLMEnvRunner, token_spaces
 from empg_rllib.experiment import Experiment
 from empg_rllib.learner import EMPGTorchLearner
 from empg_rllib.rl_module import LLMRLModule
 from empg_rllib.rollout import Episode, EpisodeRequest
+from empg_rllib.update_plan import plan_update, split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class EMPGConfig(AlgorithmConfig):
                 "path": self.model_path,
                 "dtype": self.experiment.dtype,
                 "temperature": self.experiment.temperature,
+                "chunk_tokens": self.experiment.logits_chunk_tokens,
             },
         )
 
@@ -178,15 +182,16 @@ class EMPG(Algorithm):
         batch = build_turn_batch(episodes, self._pad_id)
 
         started = time.perf_counter()
-        columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "resp_mask": batch.resp_mask}
         if batch.allowed_ids is not None:
             columns["allowed_ids"] = batch.allowed_ids
-        scores = self.learner_group.foreach_learner(lambda learner: learner.score(columns)).result_or_errors[0].get()
+        scores = self.score_batch(columns)
         self.metrics.log_value("learner_score_s", time.perf_counter() - started, window=1)
-        step_entropy = batch.per_step_mean(scores["token_entropy"])
-        empg = exp.empg.model_dump(exclude={"enabled"}) if exp.empg.enabled else None
-        step_adv, token_adv, terms = token_advantages(batch, advantage, step_entropy, empg)
-        self._log_advantage_metrics(batch, scores, step_entropy, advantage[batch.traj_index], step_adv, terms)
+        choices = batch.choice_mask() if exp.empg.step_entropy == "choice_tokens" else None
+        entropy = step_entropy(scores["token_entropy"], batch.resp_mask, choices)
+        empg = exp.empg.modulation() if exp.empg.enabled else None
+        step_adv, token_adv, terms = token_advantages(batch, advantage, entropy, empg)
+        self._log_advantage_metrics(batch, scores, entropy, advantage[batch.traj_index], step_adv, terms)
 
         train = {
             "input_ids": batch.input_ids,
@@ -199,13 +204,7 @@ class EMPG(Algorithm):
             train["allowed_ids"] = batch.allowed_ids
         if "ref_logp" in scores:
             train["ref_logp"] = scores["ref_logp"].astype(np.float32)
-        learner_results = self.learner_group.update(
-            batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(train)}, env_steps=len(batch)),
-            num_epochs=exp.num_epochs,
-            minibatch_size=exp.minibatch_size or len(batch),
-            shuffle_batch_per_epoch=exp.minibatch_size is not None,
-        )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        self.metrics.aggregate(self.update_learners(train), key=LEARNER_RESULTS)
 
         started = time.perf_counter()
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
@@ -216,18 +215,54 @@ class EMPG(Algorithm):
                 for key, value in result.items():
                     self.metrics.log_value(("evaluation", split, key), value, window=1)
 
-    def _log_advantage_metrics(self, batch, scores, step_entropy, base, step_adv, terms) -> None:
+    # ---- the learner group: sharded scoring, planned updates ---------------------------------
+    def _num_learners(self) -> int:
+        return max(len(self.learner_group), 1)
+
+    def score_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The pre-update pass, each learner scoring its own contiguous share of the rows."""
+        shares = split_rows(len(columns["input_ids"]), self._num_learners())
+        ref = ray.put(columns) if not self.learner_group.is_local else columns
+        results = self.learner_group.foreach_learner(
+            lambda learner, data=ref, shares=shares: learner.score(
+                ray.get(data) if isinstance(data, ray.ObjectRef) else data, shares[learner.rank]
+            )
+        )
+        parts = sorted((r.get() for r in results.result_or_errors), key=lambda part: part["rank"])
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "rank"}
+
+    def update_learners(self, train: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """One update of the whole batch: every learner follows the same plan (update_plan.py)."""
+        exp = self.config.experiment
+        plan = plan_update(
+            train["resp_mask"],
+            num_learners=self._num_learners(),
+            num_epochs=exp.num_epochs,
+            minibatch_size=exp.minibatch_size,
+            shuffle=exp.minibatch_size is not None,
+            token_mean=exp.aggregation == "token_mean",
+            seed=exp.seed * 100_003 + self.iteration,
+        )
+        ref = ray.put(train) if not self.learner_group.is_local else train
+        results = self.learner_group.foreach_learner(
+            lambda learner, data=ref, plan=plan: learner.update_from_plan(
+                ray.get(data) if isinstance(data, ray.ObjectRef) else data, plan.shard(learner.rank)
+            )
+        )
+        return [r.get() for r in results.result_or_errors]
+
+    def _log_advantage_metrics(self, batch, scores, entropy, base, step_adv, terms) -> None:
         m = self.metrics
         mask = batch.resp_mask > 0
         gap = np.abs(batch.sampler_logp - scores["token_logp"])[mask]
         m.log_value("sampler_learner_logp_gap_mean", float(gap.mean()) if gap.size else 0.0, window=1)
         m.log_value("sampler_learner_logp_gap_max", float(gap.max()) if gap.size else 0.0, window=1)
-        m.log_value("step_entropy_mean", float(step_entropy.mean()), window=1)
+        m.log_value("step_entropy_mean", float(entropy.mean()), window=1)
         for q in (10, 50, 90):
-            m.log_value(f"step_entropy_p{q}", float(np.percentile(step_entropy, q)), window=1)
-        m.log_value("step_entropy_values", step_entropy.tolist(), reduce="item_series", window=1)
+            m.log_value(f"step_entropy_p{q}", float(np.percentile(entropy, q)), window=1)
+        m.log_value("step_entropy_values", entropy.tolist(), reduce="item_series", window=1)
         # Confident errors: low-entropy steps (below the batch median) of failed trajectories.
-        confident_error = (step_entropy < np.median(step_entropy)) & (base < 0)
+        confident_error = (entropy < np.median(entropy)) & (base < 0)
         m.log_value("confident_error_share", float(confident_error.mean()), window=1)
         m.log_value("train_turns", len(batch), window=1)
         m.log_value("advantage_abs_mean", float(np.abs(step_adv).mean()), window=1)

@@ -33,9 +33,15 @@ class TurnBatch:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def per_step_mean(self, token_values: np.ndarray) -> np.ndarray:
-        """Mean of a per-token column over each row's response tokens (EMPG's step entropy)."""
-        return (token_values * self.resp_mask).sum(-1) / np.maximum(self.resp_mask.sum(-1), 1)
+    def choice_mask(self) -> np.ndarray:
+        """[N, L-1] 1 where the sampler had more than one token to choose from: every token of an
+        unconstrained turn, and the tokens of a constrained one with several allowed ids."""
+        mask = np.ones_like(self.resp_mask)
+        if self.allowed_ids is not None:
+            options = (self.allowed_ids >= 0).sum(-1)  # 0: unconstrained position
+            width = options.shape[1]
+            mask[:, -width:] = (options != 1).astype(np.float32)
+        return mask
 
 
 def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:

@@ -34,6 +34,14 @@ class EMPGSettings(_Strict):
     use_scaling: bool = True
     use_bonus: bool = True
     std_normalize: bool = False
+    # Which tokens' entropies make a step's entropy H_t: all generated tokens (the paper's
+    # definition), or only those where the policy had more than one allowed token (constrained
+    # decoding forces the rest). Default: choice_tokens when constrain_actions is on.
+    step_entropy: Literal["all_tokens", "choice_tokens"] | None = None
+
+    def modulation(self) -> dict[str, Any]:
+        """The keyword arguments of `advantages.empg_terms`."""
+        return self.model_dump(exclude={"enabled", "step_entropy"})
 
 
 class EvaluationSettings(_Strict):
@@ -68,6 +76,8 @@ class Experiment(_Strict):
     model: str = "tiny:"
     warm_start: Literal["none", "sft"] = "none"  # sft: behaviour-clone the expert before RL
     engine: Literal["hf", "vllm"] = "hf"
+    # bfloat16: bf16 compute with fp32 master weights, where the hardware has native bf16
+    # (CUDA, AVX-512 BF16, AMX); float32 with one logged line elsewhere.
     dtype: Literal["float32", "bfloat16"] = "float32"
     # environment and rollouts
     env: str = "alfworld"
@@ -97,6 +107,9 @@ class Experiment(_Strict):
     num_epochs: int = Field(1, ge=1)
     minibatch_size: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    # Response positions whose LM-head logits are held at once in the learner (memory bound:
+    # positions x vocabulary x 4 bytes).
+    logits_chunk_tokens: int = Field(1024, ge=1)
     # system
     num_env_runners: int = Field(0, ge=0)
     num_learners: int = Field(0, ge=0)
@@ -115,6 +128,8 @@ class Experiment(_Strict):
             self.clip_low = 0.2
         if self.clip_high is None:
             self.clip_high = 0.28 if self.loss == "dapo" else 0.2
+        if self.empg.step_entropy is None:
+            self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"
         return self
 
     @property

@@ -2,27 +2,41 @@
 
 The driver hands the learner a ready batch (one row per LLM turn, left-padded token ids, a
 response mask, per-token advantages already modulated by EMPG over the whole batch), because
-group statistics and EMPG's batch min/max/mean must never be computed per learner shard.
+group statistics and EMPG's batch min/max/mean must never be computed per learner shard. It
+also hands every learner the same `UpdatePlan` (update_plan.py): which rows each learner trains
+in each optimizer step and the loss normaliser of the whole minibatch. So with several learners
+every row is trained once per epoch, every rank takes the same number of steps, a step is
+skipped on all ranks or none, and the reported loss is the minibatch's, not a shard's.
+
+The backend-specific parts (how gradients are synchronised, stepped and gathered) are the
+methods under "backend hooks"; the DeepSpeed learner overrides those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
 from empg_rllib.losses import policy_loss
-from empg_rllib.scoring import position_ids, scores_of_tokens
+from empg_rllib.scoring import response_scores
+from empg_rllib.update_plan import loss_normalizer
 
 #: Batch columns, all [rows, tokens] and aligned with input_ids[:, 1:] (position p predicts
 #: token p + 1), except `allowed_ids` ([rows, R, K], constrained decoding: the allowed token ids
 #: of the last R positions, -1 padded), present only when some turn was constrained.
 COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp", "allowed_ids")
+
+#: Per-step sums every rank contributes to; the minibatch's statistics are ratios of them.
+_STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens", "non_finite")
 
 
 class EMPGTorchLearner(TorchLearner):
@@ -34,11 +48,10 @@ class EMPGTorchLearner(TorchLearner):
         self._reference = None
         if exp.kl_coef > 0:
             # A frozen copy of the initial policy; the KL term keeps the policy near it.
-            self._reference = copy.deepcopy(self.module[DEFAULT_MODULE_ID].unwrapped().lm).eval()
+            self._reference = copy.deepcopy(self._lm()).eval()
             for p in self._reference.parameters():
                 p.requires_grad_(False)
         self.skipped_updates_lifetime = 0
-        self._loss_normalizer: float | None = None
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         params = [p for p in self.module[module_id].parameters() if p.requires_grad]
@@ -49,86 +62,180 @@ class EMPGTorchLearner(TorchLearner):
             lr_or_lr_schedule=config.lr,
         )
 
+    # ---- the group ----------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            values = values.to(self._device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+    def _rl_module(self):
+        return self.module[DEFAULT_MODULE_ID].unwrapped()
+
+    def _lm(self) -> torch.nn.Module:
+        return self._rl_module().lm
+
     # ---- the pre-update pass: entropies and log-probs of the generating policy ----------------
     @torch.no_grad()
-    def score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Per-token log-probs, entropies (and reference log-probs) of the current weights."""
-        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+    def score(self, batch: dict[str, np.ndarray], rows: Sequence[int] | None = None) -> dict[str, Any]:
+        """Per-token log-probs, entropies (and reference log-probs) of the current weights for
+        `rows` of `batch` (all rows when None), in eval mode; returned with this learner's rank
+        so that the driver can put the shards of several learners back in order."""
+        module = self._rl_module()
+        module.eval()
         n = self.config.experiment.micro_batch_size
+        index = np.arange(len(batch["input_ids"])) if rows is None else np.asarray(rows)
         out: dict[str, list[np.ndarray]] = {"token_logp": [], "token_entropy": [], "ref_logp": []}
-        for start in range(0, len(batch["input_ids"]), n):
-            sub = {k: torch.as_tensor(v[start : start + n], device=self._device) for k, v in batch.items()}
+        for start in range(0, len(index), n):
+            take = index[start : start + n]
+            sub = {k: torch.as_tensor(v[take], device=self._device) for k, v in batch.items()}
             fwd = module._forward_train(sub)
             out["token_logp"].append(fwd["token_logp"].float().cpu().numpy())
             out["token_entropy"].append(fwd["token_entropy"].float().cpu().numpy())
             if self._reference is not None:
-                ids, mask = sub["input_ids"], sub["attention_mask"]
-                logits = self._reference(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-                logp, _ = scores_of_tokens(logits, ids[:, 1:], module.temperature, sub.get("allowed_ids"))
-                out["ref_logp"].append(logp.cpu().numpy())
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+                logp, _ = response_scores(
+                    self._reference, sub["input_ids"], sub["attention_mask"], sub["resp_mask"],
+                    module.temperature, sub.get("allowed_ids"), chunk_tokens=module.chunk_tokens,
+                )
+                out["ref_logp"].append(logp.float().cpu().numpy())
+        return {"rank": self.rank, **{k: np.concatenate(v) for k, v in out.items() if v}}
 
-    # ---- loss and update -----------------------------------------------------------------
+    # ---- the update ------------------------------------------------------------------------
+    def update_from_plan(
+        self, batch: dict[str, np.ndarray], steps: Sequence[tuple[np.ndarray, float]], timesteps: dict | None = None
+    ) -> dict[str, Any]:
+        """Train on this learner's shard of each planned step; one optimizer step per entry.
+
+        `batch` is the whole batch (the same on every learner); `steps` is this learner's
+        `UpdatePlan.shard(rank)`. Returns the reduced metrics, like RLlib's `Learner.update`.
+        """
+        self.before_gradient_based_update(timesteps=timesteps or {})
+        self._weights_seq_no += 1
+        for rows, normalizer in steps:
+            # A learner with no rows in a step still runs one (zero-weighted) row so that it
+            # joins the step's gradient all-reduce.
+            take = rows if len(rows) else np.arange(1)
+            sub = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch({k: v[take] for k, v in batch.items()})}, len(rows))
+            tensors = self._convert_batch_type(sub)
+            self._train_step(tensors.policy_batches[DEFAULT_MODULE_ID], normalizer, weight=1.0 if len(rows) else 0.0)
+            if len(rows):
+                self._log_steps_trained_metrics(tensors)
+        self.after_gradient_based_update(timesteps=timesteps or {})
+        return self.metrics.reduce()
+
+    def _update(self, batch: dict[str, Any], **kwargs: Any):
+        """RLlib's own `Learner.update` path (one learner, one minibatch): a step whose loss is
+        normalised over this minibatch."""
+        loss = self._train_step(batch[DEFAULT_MODULE_ID], normalizer=None)
+        return {}, {DEFAULT_MODULE_ID: torch.tensor(loss)}, {}
+
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]):
-        exp = config.experiment
-        loss, stats = policy_loss(
-            fwd_out["token_logp"],
+        return self._loss(batch, fwd_out, normalizer=None)[0]
+
+    def _train_step(self, module_batch: dict[str, torch.Tensor], normalizer: float | None, weight: float = 1.0) -> float:
+        """One optimizer step: gradients accumulated over micro-batches of this shard, the loss
+        normalised over the whole minibatch, the step taken or skipped on every rank alike.
+        Returns the minibatch's loss (NaN when skipped). `normalizer` None: this shard is the
+        whole minibatch."""
+        exp = self.config.experiment
+        rows = len(module_batch["resp_mask"])
+        if normalizer is None:
+            normalizer = loss_normalizer(module_batch["resp_mask"], np.arange(rows), exp.aggregation == "token_mean")
+        sums = dict.fromkeys(_STAT_SUMS, 0.0)
+        # Backends average gradients over ranks; each rank's loss is its share of the
+        # minibatch's sum, so scale it back up to the sum.
+        scale = weight * self.world_size
+        self._zero_grad()
+        starts = list(range(0, rows, exp.micro_batch_size))
+        for i, start in enumerate(starts):
+            sub = {k: v[start : start + exp.micro_batch_size] for k, v in module_batch.items()}
+            with self._accumulating(last=i == len(starts) - 1):
+                fwd = self._forward(sub)
+                loss, stats = self._loss(sub, fwd, normalizer)
+                finite = bool(torch.isfinite(loss))
+                if not finite:
+                    # Every rank must still join the gradient all-reduce: back-propagate a
+                    # zero that touches the graph instead of the non-finite loss.
+                    sums["non_finite"] += 1.0
+                    loss = fwd["token_logp"].sum() * 0.0
+                self._backward(loss * scale)
+            if finite and weight:
+                for key, value in stats.items():
+                    sums[key] += float(value)
+        sums["non_finite"] += 0.0 if self._gradients_finite() else 1.0
+        totals = dict(zip(_STAT_SUMS, self._all_reduce_sum(torch.tensor([sums[k] for k in _STAT_SUMS], dtype=torch.float64)).tolist()))
+        skipped = totals["non_finite"] > 0
+        if skipped:
+            self._zero_grad()
+            self.skipped_updates_lifetime += 1
+        else:
+            self._optimizer_step()
+        self._log_step(totals, skipped)
+        return math.nan if skipped else totals["policy_loss"]
+
+    def _loss(self, batch: dict[str, torch.Tensor], fwd: dict[str, torch.Tensor], normalizer: float | None):
+        exp = self.config.experiment
+        return policy_loss(
+            fwd["token_logp"],
             batch["old_logp"],
             batch["token_adv"],
             batch["resp_mask"],
+            normalizer=normalizer,
             clip_low=exp.clip_low,
             clip_high=exp.clip_high,
             aggregation=exp.aggregation,
             ref_logp=batch.get("ref_logp") if exp.kl_coef > 0 else None,
             kl_coef=exp.kl_coef,
-            normalizer=self._loss_normalizer,
         )
-        for name, value in stats.items():
-            self.metrics.log_value((module_id, name), value.item(), window=1)
-        return loss
 
-    def _update(self, batch: dict[str, Any], **kwargs: Any):
-        """One optimizer step per RLlib minibatch, accumulating gradients over micro-batches.
+    def _log_step(self, totals: dict[str, float], skipped: bool) -> None:
+        m, mid = self.metrics, DEFAULT_MODULE_ID
+        m.log_value((mid, "skipped_update"), int(skipped), reduce="sum")
+        m.log_value((mid, "skipped_updates_lifetime"), self.skipped_updates_lifetime, window=1)
+        m.log_value((mid, "optimizer_steps"), 0 if skipped else 1, reduce="sum")
+        if skipped:
+            return
+        tokens = max(totals["tokens"], 1.0)
+        # The minibatch's own values (all ranks summed), averaged over this update's steps.
+        m.log_value((mid, "policy_loss"), totals["policy_loss"], reduce="mean")
+        m.log_value((mid, "clip_fraction"), totals["clipped"] / tokens, reduce="mean")
+        m.log_value((mid, "ratio_mean"), totals["ratio"] / tokens, reduce="mean")
+        if self.config.experiment.kl_coef > 0:
+            m.log_value((mid, "kl"), totals["kl"] / tokens, reduce="mean")
 
-        A non-finite loss skips the whole step (counted) instead of corrupting the weights.
-        """
-        module_batch = batch[DEFAULT_MODULE_ID]
-        exp = self.config.experiment
-        mask = module_batch["resp_mask"]
-        rows = mask.shape[0]
-        if exp.aggregation == "token_mean":
-            self._loss_normalizer = float(mask.sum().clamp(min=1))
-        else:
-            self._loss_normalizer = float((mask.sum(-1) > 0).sum().clamp(min=1))
+    # ---- backend hooks: plain torch, DDP when there are several learners -----------------------
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Through the (possibly DDP-wrapped) module, so that DDP sees the forward pass.
+        return self.module.forward_train({DEFAULT_MODULE_ID: batch})[DEFAULT_MODULE_ID]
+
+    @contextlib.contextmanager
+    def _accumulating(self, last: bool) -> Iterator[None]:
+        """Micro-batches before the last accumulate locally; the last one all-reduces."""
+        module = self.module[DEFAULT_MODULE_ID]
+        with contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync():
+            yield
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _zero_grad(self) -> None:
         for optim in self._optimizer_parameters:
             optim.zero_grad(set_to_none=True)
-        total = torch.zeros(())
-        fwd_out: dict[str, Any] = {}
-        finite = True
-        for start in range(0, rows, exp.micro_batch_size):
-            sub = {DEFAULT_MODULE_ID: {k: v[start : start + exp.micro_batch_size] for k, v in module_batch.items()}}
-            fwd_out = self.module.forward_train(sub)
-            losses = self.compute_losses(fwd_out=fwd_out, batch=sub)
-            loss = losses[DEFAULT_MODULE_ID]
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            total = total + loss.detach()
+
+    def _gradients_finite(self) -> bool:
+        return all(torch.isfinite(p.grad).all() for p in self._params.values() if p.grad is not None)
+
+    def _optimizer_step(self) -> None:
         grads = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
-        if finite and all(torch.isfinite(g).all() for g in grads.values()):
-            self.apply_gradients(self.postprocess_gradients(grads))
-            self.metrics.log_value((DEFAULT_MODULE_ID, "skipped_update"), 0, reduce="sum")
-        else:
-            for optim in self._optimizer_parameters:
-                optim.zero_grad(set_to_none=True)
-            self.skipped_updates_lifetime += 1
-            self.metrics.log_value((DEFAULT_MODULE_ID, "skipped_update"), 1, reduce="sum")
-            total = torch.tensor(math.nan)
-        self.metrics.log_value(
-            (DEFAULT_MODULE_ID, "skipped_updates_lifetime"), self.skipped_updates_lifetime, window=1
-        )
-        return fwd_out, {DEFAULT_MODULE_ID: total}, {}
+        self.apply_gradients(self.postprocess_gradients(grads))
 
     # RLlib converts optimizer state to numpy, which fails on bf16: keep CPU tensors.
     def _get_optimizer_state(self) -> dict[str, Any]:

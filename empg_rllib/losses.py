@@ -16,9 +16,10 @@ AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_
 
 
 def log_softmax_and_entropy(
-    logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits / temperature) over the vocabulary and its Shannon entropy.
+    logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature) over the vocabulary and its Shannon entropy (None when
+    `entropy` is false).
 
     `allowed` (bool, shaped like `logits`): the distribution renormalised over the allowed tokens,
     as constrained decoding samples it; disallowed tokens get log-prob -inf and add nothing to
@@ -28,6 +29,8 @@ def log_softmax_and_entropy(
     if allowed is not None:
         scaled = scaled.masked_fill(~allowed, float("-inf"))
     log_probs = torch.log_softmax(scaled, dim=-1)
+    if not entropy:
+        return log_probs, None
     # 0 * log 0 := 0, written so that no NaN reaches the gradient of masked tokens.
     finite = log_probs if allowed is None else log_probs.masked_fill(~allowed, 0.0)
     return log_probs, -(log_probs.exp() * finite).sum(-1)
@@ -117,21 +120,24 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (+ kl_coef * k3 KL to a reference) aggregated over unmasked tokens.
 
-    Returns the scalar loss and detached statistics (clip fraction, KL, ratio).
+    Returns the scalar loss and detached statistics that add up over micro-batches and learner
+    shards of one minibatch (given the minibatch's `normalizer`): `policy_loss` (this part's
+    share of the surrogate), and the sums `clipped`, `ratio`, `kl` and `tokens` over its
+    unmasked tokens, from which the minibatch's clip fraction, mean ratio and KL follow.
     """
     surrogate, was_clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     per_token = surrogate
+    fmask = mask.float()
     stats: dict[str, torch.Tensor] = {}
     if ref_logp is not None and kl_coef != 0.0:
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + kl_coef * kl
-        stats["kl"] = masked_aggregate(kl.detach(), mask, "token_mean")
+        stats["kl"] = torch.where(mask > 0, kl.detach(), torch.zeros_like(kl)).sum()
     loss = masked_aggregate(per_token, mask, aggregation, normalizer)
     with torch.no_grad():
-        fmask = mask.float()
-        tokens = fmask.sum().clamp(min=1)
         stats["policy_loss"] = masked_aggregate(surrogate.detach(), mask, aggregation, normalizer)
-        stats["clip_fraction"] = was_clipped.float().sum() / tokens
+        stats["clipped"] = was_clipped.float().sum()
         ratio = torch.exp(torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp)))
-        stats["ratio_mean"] = (ratio * fmask).sum() / tokens
+        stats["ratio"] = (ratio * fmask).sum()
+        stats["tokens"] = fmask.sum()
     return loss, stats

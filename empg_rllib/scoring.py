@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from empg_rllib.inference.choices import allowed_mask, allowed_tensor
-from empg_rllib.losses import token_logprobs_and_entropy
+from empg_rllib.losses import log_softmax_and_entropy, token_logprobs_and_entropy
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +45,86 @@ def scores_of_tokens(
         logits[:, -r:], tokens[:, -r:], temperature, allowed_mask(allowed_ids.to(logits.device), logits.shape[-1])
     )
     return torch.cat([head[0], tail[0]], dim=1), torch.cat([head[1], tail[1]], dim=1)
+
+
+def response_width(resp_mask: torch.Tensor) -> int:
+    """How many trailing columns of a [B, T] response mask hold some response token (responses
+    are right-aligned, so these columns are all the positions that are ever scored)."""
+    any_row = resp_mask.detach().bool().any(0)
+    if not bool(any_row.any()):
+        return 0
+    return int(any_row.numel() - int(any_row.nonzero()[0]))
+
+
+def _token_scores(
+    head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, allowed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (differentiable) and entropy (no grad) of `tokens` [N] from hidden states [N, H]."""
+    logits = head(hidden)
+    log_probs, _ = log_softmax_and_entropy(logits, temperature, allowed, entropy=False)
+    logp = log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        _, entropy = log_softmax_and_entropy(logits.detach(), temperature, allowed)
+    return logp, entropy
+
+
+def response_scores(
+    lm: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    resp_mask: torch.Tensor,
+    temperature: float = 1.0,
+    allowed_ids: torch.Tensor | None = None,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies [B, T-1] (aligned with input_ids[:, 1:]) of a causal
+    LM, computed at response positions only: 0 elsewhere.
+
+    The same values as `scores_of_tokens` over the full logits, without ever holding logits for
+    the prompt or more than `chunk_tokens` positions at once: the LM head and the log-softmax
+    run per chunk of response positions (recomputed in the backward pass when grad is on), and
+    the entropy carries no autograd graph. With a 152k vocabulary and 2k-token rows this is the
+    difference between ~10 GB of fp32 logits per micro-batch and a few hundred MB.
+    """
+    rows, columns = resp_mask.shape
+    logp_out = torch.zeros(rows, columns, device=input_ids.device)
+    entropy_out = torch.zeros(rows, columns, device=input_ids.device)
+    width = response_width(resp_mask)
+    if width == 0:
+        return logp_out, entropy_out
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state
+    # Position p predicts token p + 1: the last `width` predictions sit at columns -width-1..-2.
+    where = resp_mask[:, -width:].bool()
+    hidden = hidden[:, -width - 1 : -1][where]
+    tokens = input_ids[:, -width:][where]
+    allowed = None
+    if allowed_ids is not None:
+        allowed_ids = allowed_ids.to(input_ids.device)
+        if allowed_ids.shape[1] < width:  # positions before the recorded ones are unconstrained
+            pad = allowed_ids.new_full((rows, width - allowed_ids.shape[1], allowed_ids.shape[2]), -1)
+            allowed_ids = torch.cat([pad, allowed_ids], dim=1)
+        allowed = allowed_ids[:, -width:][where]
+    head = lm.get_output_embeddings()
+    vocab = head.out_features
+    logps, entropies = [], []
+    for start in range(0, len(tokens), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        mask = None if allowed is None else allowed_mask(allowed[part], vocab)
+        if torch.is_grad_enabled():
+            logp, entropy = checkpoint(
+                _token_scores, head, hidden[part], tokens[part], temperature, mask, use_reentrant=False
+            )
+        else:
+            logp, entropy = _token_scores(head, hidden[part], tokens[part], temperature, mask)
+        logps.append(logp)
+        entropies.append(entropy)
+    index = where.nonzero(as_tuple=True)
+    offset = columns - width
+    logp_out = logp_out.index_put((index[0], index[1] + offset), torch.cat(logps).float())
+    entropy_out[index[0], index[1] + offset] = torch.cat(entropies).float()
+    return logp_out, entropy_out
 
 
 def response_logits(

@@ -118,14 +118,14 @@ def test_advantage_reaching_the_loss_is_empg_of_the_step(ray_cluster, model_path
     seen: dict = {}
     try:
         learner = algo.learner_group._learner
-        compute_loss = learner.compute_loss_for_module
+        compute_loss = learner._loss
 
-        def recording_loss(*, module_id, config, batch, fwd_out):
+        def recording_loss(batch, fwd_out, normalizer):
             seen.setdefault("token_adv", []).append(batch["token_adv"].numpy().copy())
             seen.setdefault("resp_mask", []).append(batch["resp_mask"].numpy().copy())
-            return compute_loss(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+            return compute_loss(batch, fwd_out, normalizer)
 
-        learner.compute_loss_for_module = recording_loss
+        learner._loss = recording_loss
         sample = algo.sample_episodes
 
         def recording_sample(requests, **kwargs):

@@ -83,7 +83,7 @@ def test_kl_term_enters_loss():
     with_kl, stats = policy_loss(logp, logp, torch.zeros(1, 3), torch.ones(1, 3), ref_logp=ref, kl_coef=0.1)
     expected = 0.1 * (math.exp(-0.5) + 0.5 - 1)
     assert (with_kl - base).item() == pytest.approx(expected, rel=1e-5)
-    assert stats["kl"].item() == pytest.approx(expected / 0.1, rel=1e-5)
+    assert (stats["kl"] / stats["tokens"]).item() == pytest.approx(expected / 0.1, rel=1e-5)
 
 
 def test_entropy_full_vocab_and_temperature():

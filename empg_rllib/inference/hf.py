@@ -16,6 +16,7 @@ import torch
 from empg_rllib.inference.base import Completion, FinishReason, SamplingParams
 from empg_rllib.inference.choices import ChoiceTrie
 from empg_rllib.losses import log_softmax_and_entropy
+from empg_rllib.precision import resolve_dtype
 from empg_rllib.scoring import left_pad, position_ids
 
 
@@ -46,7 +47,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+        weights = resolve_dtype(dtype, kwargs.get("device", "cpu"), "HF engine")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=weights)
         return cls(model, tokenizer, **kwargs)
 
     def get_rng_state(self) -> torch.Tensor:
