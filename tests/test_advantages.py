@@ -190,3 +190,30 @@ def test_accepts_torch_tensors():
 def test_empg_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         empg_modulate(*args)
+
+
+def test_step_entropy_all_tokens_and_choice_tokens():
+    from empg_rllib.advantages import step_entropy
+
+    entropy = np.array([[0.0, 2.0, 0.0, 0.0], [9.0, 1.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    resp = np.array([[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=np.float32)
+    # Paper (all_tokens): the mean over the step's generated tokens, forced ones included.
+    np.testing.assert_allclose(step_entropy(entropy, resp), [2 / 3, 1.5, 0.0])
+    # choice_tokens: a 3-token action with one real choice keeps that choice's entropy, however
+    # many forced tokens follow; a step without any choice gets 0.
+    choice = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.float32)
+    np.testing.assert_allclose(step_entropy(entropy, resp, choice), [2.0, 3.0, 0.0])
+    with pytest.raises(ValueError, match="same"):
+        step_entropy(entropy, resp[:, :3])
+
+
+def test_choice_mask_of_a_turn_batch():
+    from empg_rllib.batch import TurnBatch
+
+    resp = np.array([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=np.float32)
+    allowed = np.full((2, 3, 2), -1, dtype=np.int32)
+    allowed[0, :, 0] = [4, 5, 6]
+    allowed[0, 0, 1] = 8  # two options at the action's first token, then forced tokens
+    # row 1 unconstrained: all padding means every token was allowed
+    batch = TurnBatch(np.zeros((2, 5)), np.ones((2, 5)), resp, np.zeros((2, 4)), np.arange(2), np.zeros(2), allowed)
+    np.testing.assert_array_equal(batch.choice_mask(), [[1, 1, 0, 0], [1, 1, 1, 1]])

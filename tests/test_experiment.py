@@ -80,3 +80,14 @@ def test_cli_rejects_bad_yaml_before_ray_starts(tmp_path):
     with pytest.raises(SystemExit, match=r"'lr'.*number"):
         main(["train", str(path), "--set", "group_sise=", "--set", "lr=fast"])
     assert not ray.is_initialized()
+
+
+def test_step_entropy_defaults_to_choice_tokens_under_constrained_decoding():
+    assert validate({}).empg.step_entropy == "all_tokens"
+    assert validate({"constrain_actions": True}).empg.step_entropy == "choice_tokens"
+    explicit = validate({"constrain_actions": True, "empg": {"step_entropy": "all_tokens"}})
+    assert explicit.empg.step_entropy == "all_tokens"
+    assert "step_entropy" not in explicit.empg.modulation()
+    assert Experiment.model_fields["empg"].default.step_entropy is None  # the shared default is untouched
+    with pytest.raises(ConfigError, match=r"'empg.step_entropy'"):
+        validate({"empg": {"step_entropy": "some_tokens"}})

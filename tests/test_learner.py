@@ -1,0 +1,249 @@
+"""The learner group on a fixed batch: planned minibatches, several learners against one, the
+collective skip, the reported loss, eval-mode scoring, bf16 with fp32 master weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from empg_rllib import models, precision
+from empg_rllib.experiment import validate
+from empg_rllib.losses import masked_aggregate
+from empg_rllib.training import build_algorithm, ray_session
+from empg_rllib.update_plan import plan_update
+
+BASE = {
+    "env": "deepsearch",
+    "tasks_per_batch": 1,
+    "group_size": 2,
+    "max_turns": 2,
+    "max_new_tokens": 8,
+    "checkpoint_every": 0,
+    "loss": "dapo",
+    "lr": 1e-3,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return str(models.resolve_model("tiny:"))
+
+
+def synthetic_batch(rows: int = 9, seed: int = 0, vocab: int = 500) -> dict[str, np.ndarray]:
+    """Left-padded rows of random prompt + response ids (responses of 1-6 tokens, right-aligned)."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, 12, rows)
+    responses = rng.integers(1, 7, rows)
+    width = int((prompts + responses).max())
+    ids = np.zeros((rows, width), dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    resp = np.zeros((rows, width - 1), dtype=np.float32)
+    for r in range(rows):
+        n = prompts[r] + responses[r]
+        ids[r, width - n :] = rng.integers(5, vocab, n)
+        mask[r, width - n :] = 1
+        resp[r, width - 1 - responses[r] :] = 1.0
+    return {"input_ids": ids, "attention_mask": mask, "resp_mask": resp}
+
+
+def train_batch(algo, columns: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
+    """The columns plus the current policy's log-probs as the behaviour log-probs and random
+    per-token advantages."""
+    scores = algo.score_batch(columns)
+    adv = np.random.default_rng(seed).normal(size=columns["resp_mask"].shape).astype(np.float32)
+    return {**columns, "old_logp": scores["token_logp"].astype(np.float32), "token_adv": adv * columns["resp_mask"]}
+
+
+def reduced(results: dict) -> dict[str, float]:
+    """A learner's reduced metrics of the default module as plain numbers."""
+    return {k: v.peek() if hasattr(v, "peek") else v for k, v in results["default_policy"].items()}
+
+
+def learner_weights(algo) -> list[dict[str, torch.Tensor]]:
+    """Each learner's LM weights, in rank order."""
+    results = algo.learner_group.foreach_learner(
+        lambda learner: (learner.rank, {k: v.detach().cpu().clone() for k, v in learner._lm().state_dict().items()})
+    )
+    return [w for _, w in sorted((r.get() for r in results.result_or_errors), key=lambda x: x[0])]
+
+
+def build(tmp_path, model_path, **overrides):
+    return build_algorithm(validate({**BASE, "run_dir": str(tmp_path), **overrides}), model_path)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("learners", [1, 2, 3])
+@pytest.mark.parametrize(("rows", "minibatch"), [(100, 64), (7, 3), (5, None), (2, 64)])
+def test_plan_trains_every_row_once_per_epoch_with_equal_steps(learners, rows, minibatch):
+    mask = (np.random.default_rng(rows).random((rows, 6)) > 0.3).astype(np.float32)
+    plan = plan_update(mask, num_learners=learners, num_epochs=3, minibatch_size=minibatch, seed=4)
+    per_epoch = len(plan.steps) // 3
+    assert per_epoch == -(-rows // (minibatch or rows))
+    for epoch in range(3):
+        seen = np.concatenate([s.rows for s in plan.steps[epoch * per_epoch : (epoch + 1) * per_epoch]])
+        assert sorted(seen.tolist()) == list(range(rows))  # every row exactly once
+    for step in plan.steps:
+        assert len(step.shards) == learners  # every rank takes every step
+        assert len(step.rows) <= (minibatch or rows)
+        assert step.normalizer == max(mask[step.rows].sum(), 1)  # token-mean over the minibatch
+    # RLlib's cyclic iterator trained 28 of 100 rows twice at minibatch 64.
+    assert max(len(s.rows) for s in plan.steps) - min(len(s.rows) for s in plan.steps) <= 1
+
+
+def test_plan_sequence_normaliser_counts_rows_with_responses():
+    mask = np.array([[1, 1], [0, 0], [0, 1]], dtype=np.float32)
+    plan = plan_update(mask, num_learners=2, token_mean=False, shuffle=False)
+    assert plan.steps[0].normalizer == 2.0
+
+
+# ---- one learner: the loop that the plan drives -----------------------------------------------
+def test_update_trains_each_row_once_per_epoch_and_reports_the_minibatch_loss(ray_cluster, model_path, tmp_path):
+    algo = build(tmp_path, model_path, micro_batch_size=2, minibatch_size=4, num_epochs=2)
+    learner = algo.learner_group._learner
+    seen: list[tuple[int, ...]] = []
+    original = learner._loss
+
+    def recording(batch, fwd, normalizer):
+        seen.extend(tuple(row) for row in batch["input_ids"].tolist())
+        return original(batch, fwd, normalizer)
+
+    learner._loss = recording
+    try:
+        columns = synthetic_batch(rows=9)
+        train = train_batch(algo, columns)
+        results = algo.update_learners(train)
+    finally:
+        algo.stop()
+    rows = Counter(tuple(row) for row in columns["input_ids"].tolist())
+    assert Counter(seen) == Counter({row: 2 * n for row, n in rows.items()})  # 2 epochs, no row twice
+    stats = reduced(results[0])
+    assert stats["optimizer_steps"] == 6  # 9 rows in minibatches of <= 4: 3 per epoch
+    assert stats["skipped_update"] == 0
+
+
+def test_reported_loss_is_the_minibatch_loss_not_the_last_micro_batch(ray_cluster, model_path, tmp_path):
+    algo = build(tmp_path, model_path, micro_batch_size=2, lr=1e-12)
+    try:
+        columns = synthetic_batch(rows=7)
+        train = train_batch(algo, columns)
+        stats = reduced(algo.update_learners(train)[0])
+    finally:
+        algo.stop()
+    # One minibatch (the whole batch), ratio 1: the DAPO surrogate is -sum(A) / tokens.
+    expected = masked_aggregate(-torch.as_tensor(train["token_adv"]), torch.as_tensor(train["resp_mask"]), "token_mean")
+    assert stats["policy_loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["clip_fraction"] == 0.0
+
+
+def test_scoring_runs_in_eval_mode(ray_cluster, model_path, tmp_path):
+    algo = build(tmp_path, model_path)
+    try:
+        learner = algo.learner_group._learner
+        for layer in learner._lm().model.layers:
+            layer.self_attn.attention_dropout = 0.5  # would make train-mode passes differ
+        columns = synthetic_batch(rows=4)
+        algo.update_learners(train_batch(algo, columns))  # forward_train leaves train() on
+        first, second = algo.score_batch(columns), algo.score_batch(columns)
+    finally:
+        algo.stop()
+    np.testing.assert_array_equal(first["token_logp"], second["token_logp"])
+    np.testing.assert_array_equal(first["token_entropy"], second["token_entropy"])
+
+
+# ---- several learners --------------------------------------------------------------------------
+def test_two_learners_train_like_one(ray_cluster, model_path, tmp_path):
+    """The same batch, planned the same way: DDP over two gloo ranks must give the weights of one
+    learner (each rank's loss is its share of the minibatch's sum, scaled for DDP's average)."""
+    settings = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2}
+    columns = synthetic_batch(rows=7, seed=3)
+    one = build(tmp_path / "one", model_path, **settings)
+    try:
+        train = train_batch(one, columns)
+        results_one = one.update_learners(train)
+        weights_one = learner_weights(one)[0]
+    finally:
+        one.stop()
+    two = build(tmp_path / "two", model_path, num_learners=2, **settings)
+    try:
+        scores = two.score_batch(columns)  # sharded: each learner scores its own rows
+        np.testing.assert_allclose(scores["token_logp"], train["old_logp"], atol=1e-5)
+        results_two = two.update_learners(train)
+        weights_two = learner_weights(two)
+    finally:
+        two.stop()
+    one_stats, two_stats = reduced(results_one[0]), [reduced(r) for r in results_two]
+    assert [r["optimizer_steps"] for r in two_stats] == [4, 4]  # 7 rows: 2 steps x 2 epochs
+    assert one_stats["optimizer_steps"] == 4
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[0][name], weights_two[1][name], rtol=0, atol=0)  # replicas agree
+        # Adam amplifies float-order noise where a gradient is near zero: a few weights of 860k
+        # differ by ~1e-5 after 4 steps at lr 1e-3 (4e-3 of movement); a wiring error moves all.
+        torch.testing.assert_close(weights_two[0][name], value, rtol=1e-3, atol=5e-5)
+    # Adam does not see the gradient's scale; the clipped global norm does (DDP's average).
+    for key in ("policy_loss", "ratio_mean", "clip_fraction", "gradients_default_optimizer_global_norm"):
+        assert two_stats[0][key] == pytest.approx(two_stats[1][key])
+        assert two_stats[0][key] == pytest.approx(one_stats[key], rel=1e-4, abs=1e-6)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ray_cluster, model_path, tmp_path):
+    two = build(tmp_path, model_path, num_learners=2, micro_batch_size=2)
+    try:
+        columns = synthetic_batch(rows=6, seed=5)
+        train = train_batch(two, columns)
+        train["token_adv"][5, -1] = np.nan  # the last row: rank 1's shard only
+        before = learner_weights(two)
+        results = two.update_learners(train)
+        after = learner_weights(two)
+    finally:
+        two.stop()
+    assert [reduced(r)["skipped_update"] for r in results] == [1, 1]
+    for rank in (0, 1):
+        for name, value in before[rank].items():
+            assert torch.equal(after[rank][name], value), (rank, name)
+
+
+# ---- bf16 --------------------------------------------------------------------------------------
+def test_bf16_falls_back_to_fp32_without_native_support(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setattr(precision, "_announced", set())
+    assert precision.resolve_dtype("bfloat16", "cpu", "learner") == torch.float32
+    assert "no native bf16" in caplog.text and "learner" in caplog.text
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    assert precision.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert precision.resolve_dtype("float32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="float16"):
+        precision.resolve_dtype("float16")
+
+
+def test_bf16_learner_keeps_fp32_master_weights_and_moves_them_at_small_lr(
+    ray_cluster, model_path, tmp_path, monkeypatch
+):
+    """bf16 compute, fp32 weights and Adam state: at lr 1e-6 the weights move (bf16 weights would
+    round every such update away). bf16 is forced on, whatever this CPU has."""
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    algo = build(tmp_path, model_path, dtype="bfloat16", lr=1e-6, grad_clip=None)
+    try:
+        learner = algo.learner_group._learner
+        before = {k: v.detach().clone() for k, v in learner._lm().named_parameters()}
+        algo.update_learners(train_batch(algo, synthetic_batch(rows=4)))
+        assert learner._rl_module()._compute_dtype == torch.bfloat16
+        params = dict(learner._lm().named_parameters())
+        assert all(p.dtype == torch.float32 for p in params.values())
+        state = next(iter(learner._named_optimizers.values())).state
+        assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+        moved = {k: (params[k] != before[k]).float().mean().item() for k in before}
+    finally:
+        algo.stop()
+    # Adam's first step moves every weight with a non-zero gradient by about lr.
+    assert moved["model.layers.0.mlp.down_proj.weight"] > 0.9
+    assert np.mean(list(moved.values())) > 0.5
