@@ -85,10 +85,15 @@ class EMPGConfig(AlgorithmConfig):
                 "dtype": self.experiment.dtype,
                 "temperature": self.experiment.temperature,
                 "chunk_tokens": self.experiment.logits_chunk_tokens,
+                "lora": self.experiment.lora.model_dump() if self.experiment.lora else None,
             },
         )
 
     def get_default_learner_class(self) -> type:
+        if self.experiment.learner_backend == "deepspeed":
+            from empg_rllib.deepspeed_learner import EMPGDeepSpeedLearner
+
+            return EMPGDeepSpeedLearner
         return EMPGTorchLearner
 
     def validate(self) -> None:
@@ -207,7 +212,7 @@ class EMPG(Algorithm):
         self.metrics.aggregate(self.update_learners(train), key=LEARNER_RESULTS)
 
         started = time.perf_counter()
-        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        self.sync_runner_weights()
         self.metrics.log_value("weight_sync_s", time.perf_counter() - started, window=1)
 
         if exp.evaluation.interval and (self.iteration + 1) % exp.evaluation.interval == 0:
@@ -250,6 +255,12 @@ class EMPG(Algorithm):
             )
         )
         return [r.get() for r in results.result_or_errors]
+
+    def sync_runner_weights(self) -> None:
+        """Learner weights -> every env runner. Sharded backends first gather them on all
+        learners at once (RLlib reads learner 0 alone, which would deadlock a collective)."""
+        self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
 
     def _log_advantage_metrics(self, batch, scores, entropy, base, step_adv, terms) -> None:
         m = self.metrics

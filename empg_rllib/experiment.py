@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -67,6 +67,23 @@ class SFTSettings(_Strict):
     heldout_split: Literal["train", "eval_seen", "eval_unseen"] = "eval_seen"
 
 
+class LoRASettings(_Strict):
+    """LoRA adapters (peft) on the learner: only they train, are synced and are checkpointed."""
+
+    r: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0, description="the adapters' scale is alpha / r; default 2 * r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _alpha_default(self) -> "LoRASettings":
+        if self.alpha is None:
+            self.alpha = 2.0 * self.r
+        return self
+
+
 class Experiment(_Strict):
     """Everything an EMPG experiment sets."""
 
@@ -113,11 +130,16 @@ class Experiment(_Strict):
     # system
     num_env_runners: int = Field(0, ge=0)
     num_learners: int = Field(0, ge=0)
+    # torch: plain PyTorch, DDP across learners. deepspeed: ZeRO via the `deepspeed:` block,
+    # written in DeepSpeed's own config keys (zero_optimization.stage, offload_optimizer, ...).
+    learner_backend: Literal["torch", "deepspeed"] = "torch"
+    deepspeed: dict[str, Any] = {}
     iterations: int = Field(10, ge=1)
     checkpoint_every: int = Field(5, ge=0)
     run_dir: str = "runs"
     evaluation: EvaluationSettings = EvaluationSettings()
     sft: SFTSettings = SFTSettings()
+    lora: LoRASettings | None = None  # None: full fine-tuning
 
     @model_validator(mode="after")
     def _loss_defaults(self) -> "Experiment":
@@ -128,6 +150,7 @@ class Experiment(_Strict):
             self.clip_low = 0.2
         if self.clip_high is None:
             self.clip_high = 0.28 if self.loss == "dapo" else 0.2
+        _check_deepspeed_block(self.learner_backend, self.deepspeed)
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"
         return self
@@ -143,13 +166,45 @@ class Experiment(_Strict):
         return "token_mean" if self.loss == "dapo" else "seq_mean_token_mean"
 
 
+#: DeepSpeed keys the experiment sets itself, and the experiment key that does.
+_DEEPSPEED_OWNED = {
+    "train_batch_size": "tasks_per_batch / group_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "minibatch_size / micro_batch_size",
+    "optimizer": "lr (the learner's AdamW)",
+    "scheduler": "lr",
+}
+
+
+def _check_deepspeed_block(backend: str, block: dict[str, Any]) -> None:
+    if block and backend != "deepspeed":
+        raise ValueError("a 'deepspeed' block needs learner_backend: deepspeed")
+    for key, instead in _DEEPSPEED_OWNED.items():
+        if key in block:
+            raise ValueError(f"'deepspeed.{key}' is set by the experiment; use {instead} instead")
+    zero = block.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"'deepspeed.zero_optimization' must be a mapping, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"bad value for 'deepspeed.zero_optimization.stage': {stage!r}; expected 0, 1, 2 or 3")
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The settings class of a section field, optional (`X | None`) or not."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _fields_at(path: tuple[Any, ...]) -> list[str]:
     model: Any = Experiment
     for part in path:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        model = _section(field.annotation) if field is not None else None
+        if model is None:
             return []
-        model = field.annotation
     return list(model.model_fields)
 
 

@@ -46,7 +46,9 @@ class EMPGTorchLearner(TorchLearner):
         super().build()
         exp = self.config.experiment
         self._reference = None
-        if exp.kl_coef > 0:
+        # Under LoRA the initial policy is the base model, which never trains: the reference is
+        # the same model with its adapters off (`_reference_lm`), not a second copy.
+        if exp.kl_coef > 0 and exp.lora is None:
             # A frozen copy of the initial policy; the KL term keeps the policy near it.
             self._reference = copy.deepcopy(self._lm()).eval()
             for p in self._reference.parameters():
@@ -83,6 +85,15 @@ class EMPGTorchLearner(TorchLearner):
     def _lm(self) -> torch.nn.Module:
         return self._rl_module().lm
 
+    @contextlib.contextmanager
+    def _reference_lm(self) -> Iterator[torch.nn.Module]:
+        """The KL reference: the frozen copy, or under LoRA the LM with its adapters disabled."""
+        if self._reference is not None:
+            yield self._reference
+            return
+        with self._lm().disable_adapter():
+            yield self._lm()
+
     # ---- the pre-update pass: entropies and log-probs of the generating policy ----------------
     @torch.no_grad()
     def score(self, batch: dict[str, np.ndarray], rows: Sequence[int] | None = None) -> dict[str, Any]:
@@ -100,11 +111,12 @@ class EMPGTorchLearner(TorchLearner):
             fwd = module._forward_train(sub)
             out["token_logp"].append(fwd["token_logp"].float().cpu().numpy())
             out["token_entropy"].append(fwd["token_entropy"].float().cpu().numpy())
-            if self._reference is not None:
-                logp, _ = response_scores(
-                    self._reference, sub["input_ids"], sub["attention_mask"], sub["resp_mask"],
-                    module.temperature, sub.get("allowed_ids"), chunk_tokens=module.chunk_tokens,
-                )
+            if self.config.experiment.kl_coef > 0:
+                with self._reference_lm() as reference:
+                    logp, _ = response_scores(
+                        reference, sub["input_ids"], sub["attention_mask"], sub["resp_mask"],
+                        module.temperature, sub.get("allowed_ids"), chunk_tokens=module.chunk_tokens,
+                    )
                 out["ref_logp"].append(logp.float().cpu().numpy())
         return {"rank": self.rank, **{k: np.concatenate(v) for k, v in out.items() if v}}
 
@@ -236,6 +248,22 @@ class EMPGTorchLearner(TorchLearner):
     def _optimizer_step(self) -> None:
         grads = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
         self.apply_gradients(self.postprocess_gradients(grads))
+
+    # ---- state held outside RLlib's learner-0 checkpoint (sharded backends) ------------------------
+    def gather_weights(self) -> None:
+        """Make the full weights readable by `get_state`; every learner calls it at once. The
+        torch backend replicates the weights on every rank: nothing to gather."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's full weights (after `gather_weights`)."""
+        return self._rl_module().get_state()
+
+    def save_backend_state(self, path: str) -> None:
+        """Write what RLlib's checkpoint (learner 0's state) does not hold; every learner calls it
+        at once. The torch backend's optimizer state is replicated and in that checkpoint."""
+
+    def load_backend_state(self, path: str) -> None:
+        """Read back what `save_backend_state` wrote; every learner calls it at once."""
 
     # RLlib converts optimizer state to numpy, which fails on bf16: keep CPU tensors.
     def _get_optimizer_state(self) -> dict[str, Any]:

@@ -69,6 +69,9 @@ def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) 
     """Write a checkpoint atomically: into a staging dir, then one rename."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{algo.iteration:06d}"
     with atomic_directory(final) as staging:
+        # Every learner writes what learner 0's state lacks (a sharded optimizer) first.
+        backend = str(staging / "learner_backend")
+        algo.learner_group.foreach_learner(lambda learner: learner.save_backend_state(backend))
         algo.save_to_path(str(staging / "algorithm"))
         (staging / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(), sort_keys=False))
         (staging / "model_path.txt").write_text(str(model_path))
@@ -78,6 +81,16 @@ def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "algorithm").is_dir())
     return found[-1] if found else None
+
+
+def restore_checkpoint(algo: Any, checkpoint: str | os.PathLike) -> None:
+    """`algo` as saved in `checkpoint`: RLlib's state, every learner's backend state, and the
+    env runners given the restored weights."""
+    checkpoint = Path(checkpoint)
+    algo.restore_from_path(str(checkpoint / "algorithm"))
+    backend = str(checkpoint / "learner_backend")
+    algo.learner_group.foreach_learner(lambda learner: learner.load_backend_state(backend))
+    algo.sync_runner_weights()
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Experiment, str]:
@@ -134,7 +147,7 @@ def train(
             checkpoint = latest_checkpoint(run_dir)
             if checkpoint is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-            algo.restore_from_path(str(checkpoint / "algorithm"))
+            restore_checkpoint(algo, checkpoint)
             logger.info("resumed from %s at iteration %d", checkpoint, algo.iteration)
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=algo.iteration + 1)
         history = []
@@ -168,7 +181,7 @@ def evaluate(
     exp, model_path = load_checkpoint(checkpoint)
     algo = build_algorithm(exp, model_path)
     try:
-        algo.restore_from_path(str(Path(checkpoint) / "algorithm"))
+        restore_checkpoint(algo, checkpoint)
         return algo.evaluate_splits(splits, episodes, seed=seed)
     finally:
         algo.stop()
