@@ -40,6 +40,23 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook sig
 import pytest  # noqa: E402 - the environment above must be set before anything imports torch
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray for the tests of one module."""
+    from empg_rllib.training import ray_session
+
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    """The offline tiny model's directory."""
+    from empg_rllib import models
+
+    return str(models.resolve_model("tiny:"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """(tokenizer, model) of the offline tiny model, built once per test session."""

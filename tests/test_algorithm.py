@@ -11,7 +11,7 @@ from empg_rllib import models
 from empg_rllib.advantages import empg_modulate, group_advantages
 from empg_rllib.experiment import validate
 from empg_rllib.scoring import score_responses
-from empg_rllib.training import build_algorithm, latest_checkpoint, ray_session, train
+from empg_rllib.training import build_algorithm, latest_checkpoint, train
 
 SMALL = {
     "tasks_per_batch": 2,
@@ -28,17 +28,6 @@ ALGORITHMS = {
     "dapo": {"loss": "dapo", "empg": {"enabled": False}},
     "dapo+empg": {"loss": "dapo", "empg": {"enabled": True}},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    with ray_session(num_cpus=2):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return str(models.resolve_model("tiny:"))
 
 
 def experiment(tmp_path, **overrides):

@@ -13,7 +13,7 @@ import torch
 from empg_rllib.deepspeed_learner import deepspeed_config
 from empg_rllib.experiment import ConfigError, validate
 from empg_rllib.training import build_algorithm, latest_checkpoint, train
-from tests.test_learner import build, model_path, ray_cluster, reduced, synthetic_batch, train_batch  # noqa: F401
+from tests.test_learner import build, reduced, synthetic_batch, train_batch
 
 SETTINGS = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2}
 
@@ -26,7 +26,7 @@ def full_weights(algo) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def torch_reference(ray_cluster, model_path, tmp_path_factory):  # noqa: F811
+def torch_reference(ray_cluster, model_path, tmp_path_factory):
     """One torch learner's update of a fixed batch: the batch, its metrics and its weights."""
     algo = build(tmp_path_factory.mktemp("torch"), model_path, **SETTINGS)
     try:
@@ -57,7 +57,7 @@ def check_against_torch(algo, reference) -> None:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_one_deepspeed_learner_trains_like_torch(ray_cluster, model_path, tmp_path, torch_reference, stage):  # noqa: F811
+def test_one_deepspeed_learner_trains_like_torch(ray_cluster, model_path, tmp_path, torch_reference, stage):
     algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": stage}}, **SETTINGS)
     try:
         check_against_torch(algo, torch_reference)
@@ -65,7 +65,7 @@ def test_one_deepspeed_learner_trains_like_torch(ray_cluster, model_path, tmp_pa
         algo.stop()
 
 
-def test_zero3_on_one_learner_is_refused_before_training(ray_cluster, model_path, tmp_path):  # noqa: F811
+def test_zero3_on_one_learner_is_refused_before_training(ray_cluster, model_path, tmp_path):
     with pytest.raises(Exception, match="stage 3 with one learner"):
         build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 3}})
 
@@ -73,7 +73,7 @@ def test_zero3_on_one_learner_is_refused_before_training(ray_cluster, model_path
 @pytest.mark.parametrize(
     "stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3]
 )
-def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_path, tmp_path, torch_reference, stage):  # noqa: F811
+def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_path, tmp_path, torch_reference, stage):
     """Two gloo ranks: sharded optimizer (1, 2) and parameters (3); every rank joins the ZeRO-3
     gather that RLlib's learner-0 read and the env-runner sync depend on."""
     algo = build(
@@ -90,7 +90,7 @@ def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_
         algo.stop()
 
 
-def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp_path):  # noqa: F811
+def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp_path):
     algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 2}}, micro_batch_size=2)
     try:
         train = train_batch(algo, synthetic_batch(rows=6, seed=5))
@@ -105,7 +105,7 @@ def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp
 
 
 @pytest.mark.parametrize(("learners", "stage"), [(0, 2), pytest.param(2, 3, marks=pytest.mark.slow)])
-def test_deepspeed_resume_continues_exactly(ray_cluster, model_path, tmp_path, learners, stage):  # noqa: F811
+def test_deepspeed_resume_continues_exactly(ray_cluster, model_path, tmp_path, learners, stage):
     """As the torch learner's resume test: train 2 iterations with a checkpoint after each, drop
     the last, resume; the sharded optimizer state must bring back the same weights."""
     exp = validate({

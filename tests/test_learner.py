@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from empg_rllib import models, precision
+from empg_rllib import precision
 from empg_rllib.experiment import validate
 from empg_rllib.losses import masked_aggregate
-from empg_rllib.training import build_algorithm, ray_session
+from empg_rllib.training import build_algorithm
 from empg_rllib.update_plan import plan_update
 
 BASE = {
@@ -25,17 +25,6 @@ BASE = {
     "loss": "dapo",
     "lr": 1e-3,
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    with ray_session(num_cpus=2):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return str(models.resolve_model("tiny:"))
 
 
 def synthetic_batch(rows: int = 9, seed: int = 0, vocab: int = 500) -> dict[str, np.ndarray]:

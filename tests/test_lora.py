@@ -13,7 +13,7 @@ from empg_rllib import training
 from empg_rllib.experiment import ConfigError, validate
 from empg_rllib.rl_module import LORA_SUFFIXES
 from empg_rllib.scoring import response_scores
-from tests.test_learner import BASE, build, model_path, ray_cluster, synthetic_batch, train_batch  # noqa: F401
+from tests.test_learner import BASE, build, synthetic_batch, train_batch
 
 LORA = {"lora": {"r": 4, "alpha": 8.0}}
 #: The tiny model has 4 layers of 7 adapted Linears (q, k, v, o, gate, up, down), A and B each.
