@@ -222,17 +222,22 @@ class EMPG(Algorithm):
     def _num_learners(self) -> int:
         return max(len(self.learner_group), 1)
 
+    def _on_every_learner(self, func: Any, data: dict[str, np.ndarray]) -> list[Any]:
+        """`func(learner, data)` on every learner at once, results in rank order; `data` goes
+        through the object store once when the learners are remote actors."""
+        ref = data if self.learner_group.is_local else ray.put(data)
+
+        def call(learner: Any, ref: Any = ref) -> tuple[int, Any]:
+            return learner.rank, func(learner, ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+
+        results = self.learner_group.foreach_learner(call)
+        return [value for _, value in sorted((r.get() for r in results.result_or_errors), key=lambda x: x[0])]
+
     def score_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The pre-update pass, each learner scoring its own contiguous share of the rows."""
         shares = split_rows(len(columns["input_ids"]), self._num_learners())
-        ref = ray.put(columns) if not self.learner_group.is_local else columns
-        results = self.learner_group.foreach_learner(
-            lambda learner, data=ref, shares=shares: learner.score(
-                ray.get(data) if isinstance(data, ray.ObjectRef) else data, shares[learner.rank]
-            )
-        )
-        parts = sorted((r.get() for r in results.result_or_errors), key=lambda part: part["rank"])
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "rank"}
+        parts = self._on_every_learner(lambda learner, data: learner.score(data, shares[learner.rank]), columns)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def update_learners(self, train: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """One update of the whole batch: every learner follows the same plan (update_plan.py)."""
@@ -246,13 +251,7 @@ class EMPG(Algorithm):
             token_mean=exp.aggregation == "token_mean",
             seed=exp.seed * 100_003 + self.iteration,
         )
-        ref = ray.put(train) if not self.learner_group.is_local else train
-        results = self.learner_group.foreach_learner(
-            lambda learner, data=ref, plan=plan: learner.update_from_plan(
-                ray.get(data) if isinstance(data, ray.ObjectRef) else data, plan.shard(learner.rank)
-            )
-        )
-        return [r.get() for r in results.result_or_errors]
+        return self._on_every_learner(lambda learner, data: learner.update_from_plan(data, plan.shard(learner.rank)), train)
 
     def sync_runner_weights(self) -> None:
         """Learner weights -> every env runner. Sharded backends first gather them on all

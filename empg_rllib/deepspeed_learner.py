@@ -93,15 +93,6 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
             dist_init_required=False,
         )
         self.zero_stage = int(self.engine.zero_optimization_stage())
-        if self.zero_stage == 3 and dist.get_world_size() == 1:
-            # Measured with DeepSpeed 0.19.8 on CPU: a single ZeRO-3 rank keeps only part of the
-            # gradients accumulated over several micro-batches (grad norm 2.97 vs 9.32 for the
-            # same minibatch), with or without an explicit accumulation boundary.
-            raise ValueError(
-                "deepspeed.zero_optimization.stage 3 with one learner loses gradients accumulated over "
-                "micro-batches; use stage 2 (offload_optimizer for memory) or num_learners >= 2"
-            )
-        self._gathered: dict[str, torch.Tensor] | None = None
         # The algorithm's setup reads learner 0's weights once the group is built; every rank
         # is building right now, so the collective can run.
         self.gather_weights()
@@ -116,8 +107,8 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def _zero_grad(self) -> None:
-        self.engine.zero_grad()
-        if self.zero_stage > 0:
+        self.engine.zero_grad()  # p.grad only
+        if self.zero_stage > 0:  # the ZeRO optimizer's partitioned gradient buffers
             self.engine.optimizer.zero_grad(set_to_none=True)
 
     def _gradients_finite(self) -> bool:
@@ -152,11 +143,7 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
             self._gathered = {k: v.detach().cpu().clone() for k, v in self._rl_module().get_state().items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.zero_stage < 3:
-            return self._rl_module().get_state()
-        if self._gathered is None:
-            raise RuntimeError("ZeRO-3 weights were not gathered: call gather_weights on every learner first")
-        return self._gathered
+        return self._gathered if self.zero_stage == 3 else super().full_state_dict()
 
     def get_state(self, components=None, *, not_components=None, **kwargs: Any) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
@@ -175,12 +162,9 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
     # ---- checkpoints: each rank's optimizer shard ------------------------------------------------
     def save_backend_state(self, path: str) -> None:
         self.engine.save_checkpoint(path, tag="deepspeed")
-        # RLlib's restore (learner 0's state) runs before load_backend_state and the env runners
-        # are synced after it, so the gathered copy must be the saved weights then too.
-        self.gather_weights()
 
     def load_backend_state(self, path: str) -> None:
         if not (Path(path) / "deepspeed").is_dir():
             raise FileNotFoundError(f"{path} holds no DeepSpeed state (was the run trained with learner_backend: deepspeed?)")
         self.engine.load_checkpoint(path, tag="deepspeed")
-        self.gather_weights()
+        self.gather_weights()  # the restored weights, for the env-runner sync that follows

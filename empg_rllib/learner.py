@@ -36,7 +36,7 @@ from empg_rllib.update_plan import loss_normalizer
 COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp", "allowed_ids")
 
 #: Per-step sums every rank contributes to; the minibatch's statistics are ratios of them.
-_STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens", "non_finite")
+_STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens")
 
 
 class EMPGTorchLearner(TorchLearner):
@@ -75,9 +75,8 @@ class EMPGTorchLearner(TorchLearner):
 
     def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            values = values.to(self._device)
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
+        return values
 
     def _rl_module(self):
         return self.module[DEFAULT_MODULE_ID].unwrapped()
@@ -98,8 +97,7 @@ class EMPGTorchLearner(TorchLearner):
     @torch.no_grad()
     def score(self, batch: dict[str, np.ndarray], rows: Sequence[int] | None = None) -> dict[str, Any]:
         """Per-token log-probs, entropies (and reference log-probs) of the current weights for
-        `rows` of `batch` (all rows when None), in eval mode; returned with this learner's rank
-        so that the driver can put the shards of several learners back in order."""
+        `rows` of `batch` (all rows when None), in eval mode."""
         module = self._rl_module()
         module.eval()
         n = self.config.experiment.micro_batch_size
@@ -118,18 +116,16 @@ class EMPGTorchLearner(TorchLearner):
                         module.temperature, sub.get("allowed_ids"), chunk_tokens=module.chunk_tokens,
                     )
                 out["ref_logp"].append(logp.float().cpu().numpy())
-        return {"rank": self.rank, **{k: np.concatenate(v) for k, v in out.items() if v}}
+        return {k: np.concatenate(v) for k, v in out.items() if v}
 
     # ---- the update ------------------------------------------------------------------------
-    def update_from_plan(
-        self, batch: dict[str, np.ndarray], steps: Sequence[tuple[np.ndarray, float]], timesteps: dict | None = None
-    ) -> dict[str, Any]:
+    def update_from_plan(self, batch: dict[str, np.ndarray], steps: Sequence[tuple[np.ndarray, float]]) -> dict[str, Any]:
         """Train on this learner's shard of each planned step; one optimizer step per entry.
 
         `batch` is the whole batch (the same on every learner); `steps` is this learner's
         `UpdatePlan.shard(rank)`. Returns the reduced metrics, like RLlib's `Learner.update`.
         """
-        self.before_gradient_based_update(timesteps=timesteps or {})
+        self.before_gradient_based_update(timesteps={})
         self._weights_seq_no += 1
         for rows, normalizer in steps:
             # A learner with no rows in a step still runs one (zero-weighted) row so that it
@@ -140,7 +136,7 @@ class EMPGTorchLearner(TorchLearner):
             self._train_step(tensors.policy_batches[DEFAULT_MODULE_ID], normalizer, weight=1.0 if len(rows) else 0.0)
             if len(rows):
                 self._log_steps_trained_metrics(tensors)
-        self.after_gradient_based_update(timesteps=timesteps or {})
+        self.after_gradient_based_update(timesteps={})
         return self.metrics.reduce()
 
     def _update(self, batch: dict[str, Any], **kwargs: Any):
@@ -161,7 +157,9 @@ class EMPGTorchLearner(TorchLearner):
         rows = len(module_batch["resp_mask"])
         if normalizer is None:
             normalizer = loss_normalizer(module_batch["resp_mask"], np.arange(rows), exp.aggregation == "token_mean")
-        sums = dict.fromkeys(_STAT_SUMS, 0.0)
+        # The step's sums (_STAT_SUMS, then the count of non-finite losses and gradients) stay
+        # on the device until the one all-reduce of the step.
+        sums = torch.zeros(len(_STAT_SUMS) + 1, dtype=torch.float64, device=self._device)
         # Backends average gradients over ranks; each rank's loss is its share of the
         # minibatch's sum, so scale it back up to the sum.
         scale = weight * self.world_size
@@ -176,15 +174,16 @@ class EMPGTorchLearner(TorchLearner):
                 if not finite:
                     # Every rank must still join the gradient all-reduce: back-propagate a
                     # zero that touches the graph instead of the non-finite loss.
-                    sums["non_finite"] += 1.0
+                    sums[-1] += 1
                     loss = fwd["token_logp"].sum() * 0.0
                 self._backward(loss * scale)
             if finite and weight:
-                for key, value in stats.items():
-                    sums[key] += float(value)
-        sums["non_finite"] += 0.0 if self._gradients_finite() else 1.0
-        totals = dict(zip(_STAT_SUMS, self._all_reduce_sum(torch.tensor([sums[k] for k in _STAT_SUMS], dtype=torch.float64)).tolist()))
-        skipped = totals["non_finite"] > 0
+                sums[:-1] += torch.stack([stats.get(k, loss.new_zeros(())) for k in _STAT_SUMS]).to(sums)
+        if not self._gradients_finite():
+            sums[-1] += 1
+        *values, non_finite = self._all_reduce_sum(sums).tolist()
+        totals = dict(zip(_STAT_SUMS, values))
+        skipped = non_finite > 0
         if skipped:
             self._zero_grad()
             self.skipped_updates_lifetime += 1
@@ -243,7 +242,9 @@ class EMPGTorchLearner(TorchLearner):
             optim.zero_grad(set_to_none=True)
 
     def _gradients_finite(self) -> bool:
-        return all(torch.isfinite(p.grad).all() for p in self._params.values() if p.grad is not None)
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        # One device sync for all parameters, not one each.
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _optimizer_step(self) -> None:
         grads = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}

@@ -16,24 +16,32 @@ AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_
 
 
 def log_softmax_and_entropy(
-    logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None, entropy: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / temperature) over the vocabulary and its Shannon entropy (None when
-    `entropy` is false).
+    logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / temperature) over the vocabulary and its Shannon entropy.
 
     `allowed` (bool, shaped like `logits`): the distribution renormalised over the allowed tokens,
     as constrained decoding samples it; disallowed tokens get log-prob -inf and add nothing to
     the entropy.
     """
+    log_probs = log_softmax(logits, temperature, allowed)
+    return log_probs, entropy_of(log_probs, allowed)
+
+
+def log_softmax(logits: torch.Tensor, temperature: float = 1.0, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) in fp32, -inf at the tokens `allowed` excludes."""
     scaled = logits.float() / temperature
     if allowed is not None:
         scaled = scaled.masked_fill(~allowed, float("-inf"))
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    if not entropy:
-        return log_probs, None
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def entropy_of(log_probs: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Shannon entropy of a distribution given as log-probs over its last dimension, -inf at the
+    tokens `allowed` excludes."""
     # 0 * log 0 := 0, written so that no NaN reaches the gradient of masked tokens.
     finite = log_probs if allowed is None else log_probs.masked_fill(~allowed, 0.0)
-    return log_probs, -(log_probs.exp() * finite).sum(-1)
+    return -(log_probs.exp() * finite).sum(-1)
 
 
 def token_logprobs_and_entropy(

@@ -8,12 +8,9 @@ logged line saying so. The same rule serves the learner, SFT and the HF engine.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 logger = logging.getLogger(__name__)
@@ -51,7 +48,7 @@ def bf16_native(device: str | torch.device = "cpu") -> bool:
     return False
 
 
-_announced: set[tuple[str, str, str]] = set()
+_announced: set[tuple[str, str]] = set()
 
 
 def resolve_dtype(requested: str, device: str | torch.device = "cpu", what: str = "compute") -> torch.dtype:
@@ -64,7 +61,7 @@ def resolve_dtype(requested: str, device: str | torch.device = "cpu", what: str 
     device = torch.device(device)
     if bf16_native(device):
         return torch.bfloat16
-    key = (requested, device.type, what)
+    key = (device.type, what)
     if key not in _announced:
         _announced.add(key)
         logger.warning(
@@ -76,21 +73,8 @@ def resolve_dtype(requested: str, device: str | torch.device = "cpu", what: str 
     return torch.float32
 
 
-@contextlib.contextmanager
-def autocast(dtype: torch.dtype, device: str | torch.device = "cpu") -> Iterator[None]:
-    """bf16 autocast around a forward pass when `dtype` is bf16; nothing otherwise. The weights
+def autocast(dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.autocast:
+    """bf16 autocast for a forward pass when `dtype` is bf16, disabled otherwise. The weights
     (the fp32 master copy) and the optimizer state stay fp32 either way."""
-    device = torch.device(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        yield
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-
-def describe_host() -> str:
-    """One line on the host's bf16 capability, for logs and benchmark files."""
-    cpu = ", ".join(cpu_bf16_flags()) or "no AVX-512 BF16 / AMX"
-    gpu = (
-        f"; CUDA {torch.cuda.get_device_name(0)} (bf16 {'yes' if bf16_native('cuda') else 'no'})"
-        if torch.cuda.is_available()
-        else ""
-    )
-    return f"CPU bf16: {cpu}{gpu}"

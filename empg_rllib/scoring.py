@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from empg_rllib.inference.choices import allowed_mask, allowed_tensor
-from empg_rllib.losses import log_softmax_and_entropy, token_logprobs_and_entropy
+from empg_rllib.losses import entropy_of, log_softmax, token_logprobs_and_entropy
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +60,10 @@ def _token_scores(
     head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, allowed: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob (differentiable) and entropy (no grad) of `tokens` [N] from hidden states [N, H]."""
-    logits = head(hidden)
-    log_probs, _ = log_softmax_and_entropy(logits, temperature, allowed, entropy=False)
-    logp = log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    log_probs = log_softmax(head(hidden), temperature, allowed)
     with torch.no_grad():
-        _, entropy = log_softmax_and_entropy(logits.detach(), temperature, allowed)
-    return logp, entropy
+        entropy = entropy_of(log_probs, allowed)
+    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
 
 
 def response_scores(
