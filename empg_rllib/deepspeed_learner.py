@@ -154,6 +154,12 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
     def _get_optimizer_state(self) -> dict[str, Any]:
         return {}  # sharded across ranks: save_backend_state writes every rank's part
 
+    def get_checkpointable_components(self) -> list:
+        # No module sub-checkpoint for RLlib to restore: it would load full weights into ZeRO-3's
+        # empty shards (and bypass ZeRO's fp32 master copy at any stage). The weights come back
+        # from DeepSpeed's own checkpoint on every rank (load_backend_state).
+        return []
+
     def set_state(self, state: dict[str, Any]) -> None:
         # Loading weights into the module would bypass ZeRO's fp32 master copy; weights and the
         # optimizer come back through load_backend_state on every rank instead.
@@ -168,3 +174,6 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
             raise FileNotFoundError(f"{path} holds no DeepSpeed state (was the run trained with learner_backend: deepspeed?)")
         self.engine.load_checkpoint(path, tag="deepspeed")
         self.gather_weights()  # the restored weights, for the env-runner sync that follows
+        # RLlib's restore already synced the runners (with the weights before this load) under
+        # the restored version number; a runner takes only newer versions.
+        self._weights_seq_no += 1

@@ -21,7 +21,10 @@ SETTINGS = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2}
 def full_weights(algo) -> list[dict[str, torch.Tensor]]:
     """Each learner's full weights in rank order (ZeRO-3 gathers them on every rank at once)."""
     algo.learner_group.foreach_learner(lambda learner: learner.gather_weights())
-    results = algo.learner_group.foreach_learner(lambda learner: (learner.rank, learner.full_state_dict()))
+    # Copies: a local learner's state holds its live parameters, which the next update changes.
+    results = algo.learner_group.foreach_learner(
+        lambda learner: (learner.rank, {k: v.clone() for k, v in learner.full_state_dict().items()})
+    )
     return [w for _, w in sorted((r.get() for r in results.result_or_errors), key=lambda x: x[0])]
 
 
