@@ -28,8 +28,9 @@ from empg_rllib.batch import build_turn_batch, drop_uninformative_groups, episod
 from empg_rllib.env_runner import LLMEnvRunner, token_spaces
 from empg_rllib.experiment import Experiment
 from empg_rllib.learner import EMPGTorchLearner
+from empg_rllib.progress import SamplingHook, SamplingProgress
 from empg_rllib.rl_module import LLMRLModule
-from empg_rllib.rollout import Episode, EpisodeRequest
+from empg_rllib.rollout import EnvFailure, Episode, EpisodeRequest, whole_groups
 from empg_rllib.update_plan import plan_update, split_rows
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class EMPG(Algorithm):
         model = self.config.model_json()
         pad = model.get("pad_token_id")
         self._pad_id = int(pad if pad is not None else model.get("eos_token_id", 0))
+        # A live display's hook (the CLI sets one); the algorithm itself never prints.
+        self.on_sampling: SamplingHook = lambda progress: None
 
     # ---- sampling --------------------------------------------------------------------------
     def _draw_groups(self) -> list[EpisodeRequest]:
@@ -125,13 +128,38 @@ class EMPG(Algorithm):
             requests.extend(EpisodeRequest(seed=seed, group=group) for _ in range(exp.group_size))
         return requests
 
-    def sample_episodes(self, requests: list[EpisodeRequest], split: str = "train", temperature: float | None = None) -> list[Episode]:
+    def sample_episodes(
+        self,
+        requests: list[EpisodeRequest],
+        split: str = "train",
+        temperature: float | None = None,
+        evaluation: bool = False,
+    ) -> list[Episode]:
         """Play `requests` on the env runners; a group never splits across runners. Requests of
-        a runner that dies are played again after RLlib restarts it."""
+        a runner that dies are played again after RLlib restarts it. Evaluation episodes stay
+        out of `env_runners/` (training metrics, lifetime env steps). An environment that raises
+        anything but `EnvCrashed` (crashes are retried inside the runner) raises `EnvFailure`
+        here, naming the environment and the cause: a replay would fail the same way."""
         group = self.env_runner_group
+        exp = self.config.experiment
+        progress = SamplingProgress(
+            label=f"evaluating {split}" if evaluation else f"iteration {self.iteration + 1}/{exp.iterations}",
+            episodes=len(requests),
+            evaluation=evaluation,
+            runners=group.num_remote_env_runners(),
+        )
+        self.on_sampling(progress)
         if group.num_remote_env_runners() == 0:
-            episodes = self.env_runner.sample(requests=requests, split=split, temperature=temperature)
-            self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+            episodes = self.env_runner.sample(
+                requests=requests,
+                split=split,
+                temperature=temperature,
+                evaluation=evaluation,
+                on_turn=lambda stats: self.on_sampling(progress.counting(stats)),
+            )
+            if not evaluation:
+                self.metrics.aggregate([self.env_runner.get_metrics()], key=ENV_RUNNER_RESULTS)
+            self.on_sampling(progress.finished_with(episodes))
             return episodes
         episodes: list[Episode] = []
         todo = list(requests)
@@ -148,20 +176,31 @@ class EMPG(Algorithm):
             groups = list(dict.fromkeys(str(r.group) for r in todo))
             owner = {g: ids[i % len(ids)] for i, g in enumerate(groups)}
             assign = {w: [r for r in todo if owner[str(r.group)] == w] for w in ids}
-            results = group.foreach_env_runner(
-                lambda runner: (
-                    runner.worker_index,
-                    runner.sample(requests=assign.get(runner.worker_index, []), split=split, temperature=temperature),
-                    runner.get_metrics(),
-                ),
-                local_env_runner=False,
-                timeout_seconds=None,
-            )
+
+            def play(runner: Any) -> tuple[int, list[Episode], dict[str, Any] | None, EnvFailure | None]:
+                # An env's error comes back as a value: raised, RLlib's `apply` would exit the
+                # actor, which looks like a dead runner here and would be replayed forever.
+                try:
+                    played = runner.sample(
+                        requests=assign.get(runner.worker_index, []),
+                        split=split,
+                        temperature=temperature,
+                        evaluation=evaluation,
+                    )
+                except EnvFailure as failure:
+                    return runner.worker_index, [], None, failure
+                return runner.worker_index, played, None if evaluation else runner.get_metrics(), None
+
+            results = group.foreach_env_runner(play, local_env_runner=False, timeout_seconds=None)
+            for worker, _, _, failure in results:
+                if failure is not None:
+                    raise EnvFailure(f"env runner {worker}: {failure}")
             done_workers = set()
-            for worker, eps, metrics in results:
+            for worker, eps, metrics, _ in results:
                 episodes.extend(eps)
                 done_workers.add(worker)
-                self.metrics.aggregate([metrics], key=ENV_RUNNER_RESULTS)
+                if not evaluation:
+                    self.metrics.aggregate([metrics], key=ENV_RUNNER_RESULTS)
             todo = [r for r in todo if owner[str(r.group)] not in done_workers]
             if todo:
                 logger.warning("%d episodes lost with a failed env runner; playing them again", len(todo))
@@ -169,16 +208,38 @@ class EMPG(Algorithm):
         self.metrics.log_value(
             (ENV_RUNNER_RESULTS, "num_env_runner_restarts"), group.num_remote_worker_restarts(), window=1
         )
+        self.on_sampling(progress.finished_with(episodes))
         return episodes
 
     # ---- one iteration -----------------------------------------------------------------------
     def training_step(self) -> None:
+        """One iteration on whole groups only.
+
+        A group with a member missing (an episode whose environment crashed on every one of
+        `env_crash_retries` retries) is dropped whole and counted in
+        `env_runners/num_crashed_groups_dropped`; the other groups train. When no group is
+        left (every group lost a member, or DAPO found none informative), the update is skipped
+        with a warning and counted in `skipped_iterations`, and the next iteration draws new
+        tasks: sampling replacement groups instead would hide a broken environment behind ever
+        longer iterations.
+        """
         exp = self.config.experiment
-        episodes = self.sample_episodes(self._draw_groups())
+        requests = self._draw_groups()
+        episodes, crashed_groups = whole_groups(requests, self.sample_episodes(requests))
+        self.metrics.log_value((ENV_RUNNER_RESULTS, "num_crashed_groups_dropped"), len(crashed_groups), reduce="sum")
+        self.metrics.log_value(
+            (ENV_RUNNER_RESULTS, "num_crashed_groups_dropped_lifetime"), len(crashed_groups), reduce="lifetime_sum"
+        )
+        if crashed_groups:
+            logger.warning(
+                "iteration %d: dropped %d of %d groups whose environment crashed on every retry",
+                self.iteration + 1, len(crashed_groups), exp.tasks_per_batch,
+            )
         if exp.loss == "dapo":
             episodes, dropped = drop_uninformative_groups(episodes)
             self.metrics.log_value("dropped_groups", dropped, window=1)
         if not episodes:
+            logger.warning("iteration %d: no whole group to train on; skipping the update", self.iteration + 1)
             self.metrics.log_value("skipped_iterations", 1, reduce="sum")
             return
         advantage = episode_advantages(episodes, scale_by_std=exp.advantage == "grpo")
@@ -290,7 +351,7 @@ class EMPG(Algorithm):
         results = {}
         for split in splits or exp.evaluation.splits:
             requests = [EpisodeRequest(seed=seed + i, group=f"eval-{i}") for i in range(episodes or exp.evaluation.episodes)]
-            played = self.sample_episodes(requests, split=split, temperature=exp.evaluation.temperature)
+            played = self.sample_episodes(requests, split=split, temperature=exp.evaluation.temperature, evaluation=True)
             results[split] = {
                 "success_rate": float(np.mean([e.won for e in played])) if played else 0.0,
                 "score_mean": float(np.mean([e.score for e in played])) if played else 0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -12,6 +13,31 @@ from typing import Any, Sequence
 DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "tuned_examples" / "demo.yaml"
 
 
+#: Lines libraries log on every run that say nothing about it: (logger, start of the message).
+_LIBRARY_NOISE = (
+    # The new API stack is the only one this project has.
+    ("ray.rllib.algorithms.algorithm_config", "You are running "),
+    # RLlib 2.60's RLModule.__init__ builds the deprecated RLModuleConfig itself (kept for old
+    # custom modules), so every RLModule warns, however it is constructed (ray-project/ray#51630);
+    # ours are built by RLModuleSpec.build with the keyword arguments the warning asks for.
+    ("ray._common.deprecation", "DeprecationWarning: `RLModule(config=[RLModuleConfig object])`"),
+    # Tune's system monitor asks for GPUtil; the CPU and RAM metrics it logs need only psutil.
+    ("ray.tune.utils.util", "Install gputil"),
+    # Saving a transformers model imports DeepSpeed (accelerate unwraps the model), which
+    # announces that it found no GPU.
+    ("DeepSpeed", "Setting accelerator to CPU"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +45,10 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    for name, prefix in _LIBRARY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -54,39 +84,73 @@ def _load_experiment(path: str, overrides: list[str]):
         raise SystemExit(f"empg: {path}: {err}") from None
 
 
-def _progress_printer(console, exp):
+def _progress_printer(display, exp):
     from empg_rllib.training import SUMMARY_KEYS
 
     def show(iteration: int, scalars: dict[str, float]) -> None:
+        display.clear()
         parts = [f"[bold]iter {iteration}/{exp.iterations}[/bold]"]
         for label, key in SUMMARY_KEYS.items():
             if key in scalars:
                 value = scalars[key]
                 parts.append(f"{label} {value:.3g}" if abs(value) < 1000 else f"{label} {value:.0f}")
-        console.print("  ".join(parts))
+        for key, value in scalars.items():
+            if key.startswith("evaluation/") and key.endswith("/success_rate"):
+                parts.append(f"eval {key.split('/')[1]} {value:.3g}")
+        display.console.print("  ".join(parts))
 
     return show
 
 
+def _start_run(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Before any work: refuse to mix with an earlier run, or delete it (`overwrite`); returns
+    what was deleted."""
+    from empg_rllib.training import check_run_dir, clear_run_dir
+
+    if overwrite:
+        return clear_run_dir(run_dir)
+    try:
+        check_run_dir(run_dir, resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(f"empg: {err}") from None
+    return []
+
+
+def _run_sft(display, exp, out: str | os.PathLike) -> dict[str, Any]:
+    from empg_rllib.sft import run_sft
+
+    with display.phase(f"SFT: collecting {exp.sft.episodes} expert episodes"):
+        return run_sft(exp, out, log=display.sft_logger(exp.sft.epochs, exp.sft.heldout_episodes))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from empg_rllib import models
+    from empg_rllib.progress import TerminalProgress
     from empg_rllib.training import ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
+    removed = _start_run(run_dir_of(exp), args.resume, args.overwrite)
     _quiet_libraries()
     console = _console()
-    model_path = str(models.resolve_model(exp.model))
-    if exp.warm_start == "sft":
-        from empg_rllib.sft import run_sft
-
-        sft_dir = run_dir_of(exp) / "sft_model"
-        if not (sft_dir / "config.json").exists():
-            with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
-                console.print(_sft_line(exp, run_sft(exp, sft_dir)))
-        model_path = str(sft_dir)
-        console.print(f"warm start: {model_path}")
-    with ray_session():
-        summary = train(exp, model_path, resume=args.resume, on_iteration=_progress_printer(console, exp))
+    if removed:
+        console.print(f"starting over: deleted {', '.join(removed)} from {run_dir_of(exp)}")
+    with TerminalProgress(console) as display:
+        with display.phase(f"loading the model {exp.model!r}"):
+            model_path = str(models.resolve_model(exp.model))
+        if exp.warm_start == "sft":
+            sft_dir = run_dir_of(exp) / "sft_model"
+            if not (sft_dir / "config.json").exists():
+                console.print(_sft_line(exp, _run_sft(display, exp, sft_dir)))
+            model_path = str(sft_dir)
+            console.print(f"warm start: {model_path}")
+        with display.phase("starting Ray, env runners and learners"), ray_session():
+            summary = train(
+                exp,
+                model_path,
+                resume=args.resume,
+                on_iteration=_progress_printer(display, exp),
+                on_sampling=display.sampling,
+            )
     console.print(f"checkpoint: {summary['checkpoint']}  (TensorBoard: {exp.run_dir}/{exp.name}/tensorboard)")
     return 0
 
@@ -111,23 +175,27 @@ def _results_table(title: str, rows: dict[str, dict[str, dict[str, float]]]):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from empg_rllib.progress import TerminalProgress
     from empg_rllib.training import evaluate, ray_session
 
     _quiet_libraries()
-    with ray_session():
-        results = evaluate(args.checkpoint, args.split, args.episodes, seed=args.seed)
-    _console().print(_results_table(f"{args.checkpoint}", {"checkpoint": results}))
+    console = _console()
+    with TerminalProgress(console) as display, display.phase("loading the checkpoint"), ray_session():
+        results = evaluate(args.checkpoint, args.split, args.episodes, seed=args.seed, on_sampling=display.sampling)
+    console.print(_results_table(f"{args.checkpoint}", {"checkpoint": results}))
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from empg_rllib.sft import run_sft
+    from empg_rllib.progress import TerminalProgress
     from empg_rllib.training import run_dir_of
 
     exp = _load_experiment(args.experiment, args.set)
     _quiet_libraries()
+    console = _console()
     out = args.out or run_dir_of(exp) / "sft_model"
-    _console().print(_sft_line(exp, run_sft(exp, out)))
+    with TerminalProgress(console) as display:
+        console.print(_sft_line(exp, _run_sft(display, exp, out)))
     return 0
 
 
@@ -149,31 +217,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
     from empg_rllib import models
-    from empg_rllib.sft import run_sft
+    from empg_rllib.progress import TerminalProgress
     from empg_rllib.training import evaluate, evaluate_model, ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
+    run_dir = run_dir_of(exp)
+    # The demo is re-run as it is (`make demo`): it starts its own run over, and says so.
+    removed = _start_run(run_dir, resume=False, overwrite=True)
     _quiet_libraries()
     console = _console()
     started = time.perf_counter()
-    run_dir = run_dir_of(exp)
     console.rule(f"empg demo: {exp.name} ({exp.env}, seed {exp.seed})")
-    with console.status(f"building the offline model {exp.model!r}"):
-        base_model = str(models.resolve_model(exp.model))
-    console.print(f"1. model {base_model} ({time.perf_counter() - started:.0f}s)")
-    with console.status(f"SFT warm start on {exp.sft.episodes} expert episodes"):
-        sft = run_sft(exp, run_dir / "sft_model")
-    console.print(f"2. {_sft_line(exp, sft)}")
-    rl_exp = exp.model_copy(update={"model": sft["model"]})
-    splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
-    with ray_session():
-        with console.status("evaluating the SFT model"):
-            sft_results = evaluate_model(rl_exp, sft["model"], splits, episodes)
-        console.print(f"3. SFT-only evaluation done ({time.perf_counter() - started:.0f}s)")
-        console.print(f"4. RL: {exp.iterations} iterations of {exp.loss.upper()}{' + EMPG' if exp.empg.enabled else ''}")
-        summary = train(rl_exp, sft["model"], on_iteration=_progress_printer(console, exp))
-        with console.status("evaluating the RL policy"):
-            rl_results = evaluate(summary["checkpoint"], splits, episodes)
+    if removed:
+        console.print(f"starting over: deleted the previous demo run's {', '.join(removed)} from {run_dir}")
+    with TerminalProgress(console) as display:
+        with display.phase(f"building the offline model {exp.model!r}"):
+            base_model = str(models.resolve_model(exp.model))
+        console.print(f"1. model {base_model} ({time.perf_counter() - started:.0f}s)")
+        sft = _run_sft(display, exp, run_dir / "sft_model")
+        console.print(f"2. {_sft_line(exp, sft)}")
+        rl_exp = exp.model_copy(update={"model": sft["model"]})
+        splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
+        with ray_session():
+            with display.phase("evaluating the SFT model"):
+                sft_results = evaluate_model(rl_exp, sft["model"], splits, episodes, on_sampling=display.sampling)
+            console.print(f"3. SFT-only evaluation done ({time.perf_counter() - started:.0f}s)")
+            console.print(f"4. RL: {exp.iterations} iterations of {exp.loss.upper()}{' + EMPG' if exp.empg.enabled else ''}")
+            with display.phase("building the algorithm"):
+                summary = train(
+                    rl_exp,
+                    sft["model"],
+                    on_iteration=_progress_printer(display, exp),
+                    on_sampling=display.sampling,
+                )
+            with display.phase("evaluating the RL policy"):
+                rl_results = evaluate(summary["checkpoint"], splits, episodes, on_sampling=display.sampling)
     elapsed = time.perf_counter() - started
     console.print(_results_table(f"{exp.env}: success after SFT vs after RL (seed {exp.seed})", {"SFT only": sft_results, "SFT + RL": rl_results}))
     report = {"experiment": exp.model_dump(), "sft": sft, "sft_only": sft_results, "after_rl": rl_results, "wall_s": elapsed, "checkpoint": summary["checkpoint"]}
@@ -204,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with an experiment YAML")
     p.add_argument("experiment", help="a tuned_examples/*.yaml file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted for sections)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete the run directory's earlier checkpoints, history, TensorBoard logs and SFT model",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")

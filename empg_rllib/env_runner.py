@@ -8,7 +8,7 @@ are variable-length token sequences generated in batches, so this runner drives
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -78,10 +78,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         num_episodes: int | None = None,
         split: str = "train",
         temperature: float | None = None,
+        evaluation: bool = False,
+        on_turn: Callable[[RolloutStats], None] | None = None,
         explore: bool = True,
         **kwargs: Any,
     ) -> list[Episode]:
-        """Play `requests` (or `num_episodes` seeded tasks) on `split`; returns finished episodes."""
+        """Play `requests` (or `num_episodes` seeded tasks) on `split`; returns finished episodes.
+
+        `evaluation`: the episodes stay out of this runner's metrics and lifetime env steps,
+        which describe training alone (the driver reports evaluation under `evaluation/`).
+        `on_turn`: see `run_episodes` (a runner in the driver's process reports live progress).
+        """
         if requests is None:
             rng = np.random.default_rng([self.experiment.seed, self.worker_index, self.num_env_steps_sampled_lifetime])
             requests = [EpisodeRequest(seed=int(s)) for s in rng.integers(0, 2**31, num_episodes or 1)]
@@ -103,8 +110,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             stats=stats,
             keep_envs=pool,
             constrain_actions=self.experiment.constrain_actions,
+            crash_retries=self.experiment.env_crash_retries,
+            env_id=self.experiment.env,
+            on_turn=on_turn,
         )
-        self._log_sample_metrics(episodes, stats)
+        if not evaluation:
+            self._log_sample_metrics(episodes, stats)
         return episodes
 
     def _log_sample_metrics(self, episodes: list[Episode], stats: RolloutStats) -> None:
@@ -115,6 +126,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         m.log_value(NUM_ENV_STEPS_SAMPLED, steps, reduce="sum")
         m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, steps, reduce="lifetime_sum")
         m.log_value(NUM_EPISODES, len(episodes), reduce="sum")
+        m.log_value("num_env_crashes", stats.env_crashes, reduce="sum")
+        m.log_value("num_env_crash_retries", stats.crash_retries, reduce="sum")
         m.log_value("num_crashed_episodes", stats.crashed_episodes, reduce="sum")
         m.log_value("num_crashed_episodes_lifetime", stats.crashed_episodes, reduce="lifetime_sum")
         if stats.wall_seconds > 0:

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import envs
 from empg_rllib.prompting import PromptConfig
 
 
@@ -99,6 +100,10 @@ class Experiment(_Strict):
     # environment and rollouts
     env: str = "alfworld"
     env_config: dict[str, Any] = {}
+    # An episode whose environment crashes (EnvCrashed: a dead JVM, planner or server) is
+    # played again on a fresh environment up to this many times; after that its whole group
+    # is dropped from the batch (never trained with a member missing) and counted.
+    env_crash_retries: int = Field(2, ge=0)
     tasks_per_batch: int = Field(4, ge=1)
     group_size: int = Field(4, ge=1)
     max_turns: int = Field(10, ge=1)
@@ -198,6 +203,31 @@ def _check_deepspeed_block(backend: str, block: dict[str, Any], num_learners: in
         )
 
 
+#: env_config keys the experiment sets itself, and the experiment key that does.
+_ENV_OWNED = {"split": "evaluation.splits and sft.split (training plays 'train')", "max_turns": "max_turns"}
+
+
+def check_environment(exp: Experiment) -> None:
+    """`env`, `env_config` and every split the experiment plays, checked by the env registry
+    without making an environment (no engine, JVM or catalogue starts), so that a typo stops
+    the run here, before Ray starts, and not inside an env runner."""
+    for key, instead in _ENV_OWNED.items():
+        if key in exp.env_config:
+            raise ConfigError(f"'env_config.{key}' is set by the experiment; use {instead} instead")
+    checks = [
+        ("env", exp.env, {}),
+        ("env_config", exp.env_config, {**exp.env_config, "split": "train", "max_turns": exp.max_turns}),
+        *(("evaluation.splits", split, {**exp.env_config, "split": split}) for split in exp.evaluation.splits),
+        ("sft.split", exp.sft.split, {**exp.env_config, "split": exp.sft.split}),
+        ("sft.heldout_split", exp.sft.heldout_split, {**exp.env_config, "split": exp.sft.heldout_split}),
+    ]
+    for key, value, env_config in checks:
+        try:
+            envs.check_config(exp.env, **env_config)
+        except envs.EnvError as err:
+            raise ConfigError(f"bad value for {key!r}: {value!r}; {err}") from None
+
+
 def _section(annotation: Any) -> type[BaseModel] | None:
     """The settings class of a section field, optional (`X | None`) or not."""
     for candidate in (annotation, *get_args(annotation)):
@@ -251,13 +281,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(data: dict[str, Any]) -> Experiment:
-    """An `Experiment` from a raw dict, or a ConfigError naming every bad key."""
+    """An `Experiment` from a raw dict, or a ConfigError naming every bad key; the environment
+    settings are checked after the schema (`check_environment`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"an experiment file must be a mapping of keys, got {type(data).__name__}")
     try:
-        return Experiment.model_validate(data)
+        exp = Experiment.model_validate(data)
     except ValidationError as err:
         raise ConfigError("; ".join(_describe(e) for e in err.errors())) from None
+    check_environment(exp)
+    return exp
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:

@@ -12,8 +12,10 @@ that the learner scores the same renormalised distribution.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -76,21 +78,46 @@ class EpisodeRequest:
     group: Any = None
 
 
+class EnvFailure(RuntimeError):
+    """An environment raised something other than `EnvCrashed`: its own error, an unknown env
+    id, a bad env_config or split. A fresh environment would raise it again, so the run stops
+    with this message, which names the environment and the cause."""
+
+
 @dataclass
 class RolloutStats:
     episodes: int = 0
     env_steps: int = 0
     generated_tokens: int = 0
-    crashed_episodes: int = 0
+    env_crashes: int = 0  # EnvCrashed raised; every attempt counts
+    crash_retries: int = 0  # episodes started again on a fresh environment after a crash
+    crashed_episodes: int = 0  # episodes given up: their environment crashed on every attempt
     engine_seconds: float = 0.0
     env_seconds: float = 0.0
     wall_seconds: float = 0.0
 
 
+def whole_groups(
+    requests: Sequence[EpisodeRequest], episodes: Sequence[Episode]
+) -> tuple[list[Episode], list[Any]]:
+    """The episodes of the groups that came back whole, and the groups that did not.
+
+    A group trains whole or not at all: with a member missing (an episode given up after its
+    environment crashed on every retry) its baseline would leave that rollout out, and the
+    actions that crash an environment would never be penalised.
+    """
+    wanted = Counter(r.group for r in requests)
+    played = Counter(e.group for e in episodes)
+    dropped = [group for group, count in wanted.items() if played[group] != count]
+    gone = set(dropped)
+    return [e for e in episodes if e.group not in gone], dropped
+
+
 class _Conversation:
-    def __init__(self, env: gym.Env, request: EpisodeRequest) -> None:
+    def __init__(self, env: gym.Env, request: EpisodeRequest, slot: int) -> None:
         self.env = env
         self.request = request
+        self.slot = slot  # which of the requests: equal requests (one group's copies) differ here
         obs, info = env.reset(seed=request.seed, options={"task": request.task} if request.task is not None else None)
         self.observation = obs
         self.info = info
@@ -110,13 +137,21 @@ def run_episodes(
     stats: RolloutStats | None = None,
     keep_envs: list[gym.Env] | None = None,
     constrain_actions: bool = False,
+    crash_retries: int = 2,
+    env_id: str | None = None,
+    on_turn: Callable[[RolloutStats], None] | None = None,
 ) -> list[Episode]:
     """Play every request to the end; returns finished episodes in completion order.
 
     `constrain_actions`: sample only admissible actions where the environment lists them.
+    `on_turn`: called with the running `stats` after every engine batch (a live progress view).
 
-    An environment that raises `EnvCrashed` is replaced; its episode is dropped and counted in
-    `stats.crashed_episodes`. Healthy environments are closed at the end, or handed back in
+    An environment that raises `EnvCrashed` (its engine died) is closed and the episode is
+    played again from its first turn on a fresh environment, up to `crash_retries` times; after
+    that the episode is given up and counted in `stats.crashed_episodes` (its group is then
+    incomplete: see `whole_groups`). Any other exception from making, resetting or stepping an
+    environment raises `EnvFailure` naming `env_id` and the cause, after closing every
+    environment this call holds. Healthy environments are closed at the end, or handed back in
     `keep_envs` for reuse.
     """
     prompt_config = prompt_config or PromptConfig()
@@ -130,21 +165,51 @@ def run_episodes(
 
     stats = stats if stats is not None else RolloutStats()
     started = time.perf_counter()
-    pending = list(requests)[::-1]
+    pending = list(enumerate(requests))[::-1]
+    crashes = [0] * len(pending)  # per request slot
     idle_envs: list[gym.Env] = []
     live: list[_Conversation] = []
     finished: list[Episode] = []
+    label = f"env {env_id!r}" if env_id else "the environment"
+
+    def crashed(slot: int, request: EpisodeRequest, env: gym.Env | None, where: str) -> None:
+        stats.env_crashes += 1
+        if env is not None:
+            with contextlib.suppress(Exception):  # its engine is dead; closing may fail as well
+                env.close()
+        crashes[slot] += 1
+        if crashes[slot] <= crash_retries:
+            stats.crash_retries += 1
+            logger.warning(
+                "%s crashed %s (seed %d); playing the episode again on a fresh environment (retry %d of %d)",
+                label, where, request.seed, crashes[slot], crash_retries,
+            )
+            pending.append((slot, request))  # started next, from its first turn
+        else:
+            stats.crashed_episodes += 1
+            logger.warning("%s crashed %s (seed %d) on all %d attempts; giving the episode up",
+                           label, where, request.seed, crashes[slot])
+
+    def abort(err: Exception, where: str, request: EpisodeRequest, env: gym.Env | None) -> EnvFailure:
+        # The run stops: close every environment this call holds, so that no engine process
+        # (JVM, planner, server session) outlives it.
+        held = [env, *(conv.env for conv in live), *idle_envs]
+        for each in {id(e): e for e in held if e is not None}.values():
+            with contextlib.suppress(Exception):
+                each.close()
+        return EnvFailure(f"{label} raised {type(err).__name__} {where} (seed {request.seed}): {err}")
 
     def start_next() -> None:
         while pending and len(live) < max_concurrent:
-            request = pending.pop()
-            env = idle_envs.pop() if idle_envs else make_env()
+            slot, request = pending.pop()
+            env = None
             try:
-                live.append(_Conversation(env, request))
+                env = idle_envs.pop() if idle_envs else make_env()
+                live.append(_Conversation(env, request, slot))
             except EnvCrashed:
-                logger.warning("environment crashed at reset; replacing it and dropping the episode")
-                stats.crashed_episodes += 1
-                env.close()
+                crashed(slot, request, env, "at reset" if env is not None else "when made")
+            except Exception as err:
+                raise abort(err, "at reset" if env is not None else "when made", request, env) from err
 
     start_next()
     while live:
@@ -170,13 +235,14 @@ def run_episodes(
             # with its own invalid-action convention, so truncation bounds every episode.
             action = parsed.action if parsed.valid else completion.text.strip()[: prompt_config.max_action_chars]
             t0 = time.perf_counter()
+            where = f"at step {len(conv.episode.turns) + 1} of task {conv.episode.task_id}"
             try:
                 obs, reward, terminated, truncated, info = conv.env.step(action)
             except EnvCrashed:
-                logger.warning("environment crashed in task %s; replacing it", conv.episode.task_id)
-                stats.crashed_episodes += 1
-                conv.env.close()
+                crashed(conv.slot, conv.request, conv.env, where)
                 continue
+            except Exception as err:
+                raise abort(err, where, conv.request, None) from err
             finally:
                 stats.env_seconds += time.perf_counter() - t0
             stats.env_steps += 1
@@ -209,6 +275,8 @@ def run_episodes(
                 still_live.append(conv)
         live = still_live
         start_next()
+        if on_turn is not None:
+            on_turn(stats)
     if keep_envs is not None:
         keep_envs.extend(idle_envs)
     else:

@@ -10,13 +10,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import yaml
 
 from empg_rllib.experiment import Experiment, validate
 from empg_rllib.fileio import atomic_directory
+
+if TYPE_CHECKING:
+    from empg_rllib.progress import SamplingHook
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,13 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
             os.environ.pop("RAY_TMPDIR", None)
 
 
-def build_algorithm(exp: Experiment, model_path: str | os.PathLike):
+def build_algorithm(exp: Experiment, model_path: str | os.PathLike, on_sampling: SamplingHook | None = None):
     from empg_rllib.algorithm import EMPGConfig
 
-    return EMPGConfig().experiment_from(exp, str(model_path)).build_algo()
+    algo = EMPGConfig().experiment_from(exp, str(model_path)).build_algo()
+    if on_sampling is not None:
+        algo.on_sampling = on_sampling
+    return algo
 
 
 def run_dir_of(exp: Experiment) -> Path:
@@ -81,6 +87,36 @@ def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "algorithm").is_dir())
     return found[-1] if found else None
+
+
+#: What a run writes into its directory, and nothing else: all that starting over deletes.
+RUN_OUTPUTS = (f"{CHECKPOINT_PREFIX}*", "history.json", "tensorboard", "sft_model")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse, before any work is spent, a run that would mix with another one: a new run where
+    checkpoints exist (it would overwrite some, and `--resume` would later pick up the old
+    run's later ones), or a resumed run without a checkpoint."""
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and latest is not None:
+        raise FileExistsError(
+            f"{run_dir} holds an earlier run (latest checkpoint: {latest.name}). Continue it with "
+            "--resume, or start over with --overwrite (deletes its checkpoints, history, "
+            "TensorBoard logs and SFT model)."
+        )
+
+
+def clear_run_dir(run_dir: Path) -> list[str]:
+    """Delete an earlier run's outputs (`RUN_OUTPUTS`) from `run_dir`; returns their names."""
+    removed = sorted(p for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern))
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [p.name for p in removed]
 
 
 def restore_checkpoint(algo: Any, checkpoint: str | os.PathLike) -> None:
@@ -135,18 +171,19 @@ def train(
     model_path: str,
     resume: bool = False,
     on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+    on_sampling: SamplingHook | None = None,
 ) -> dict[str, Any]:
-    """Train for `exp.iterations`, checkpointing every `exp.checkpoint_every`; returns a summary."""
+    """Train for `exp.iterations`, checkpointing every `exp.checkpoint_every`; returns a summary.
+    `on_sampling`: a live view of each batch being sampled (progress.SamplingHook)."""
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = run_dir_of(exp)
+    check_run_dir(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    algo = build_algorithm(exp, model_path)
+    algo = build_algorithm(exp, model_path, on_sampling)
     try:
         if resume:
             checkpoint = latest_checkpoint(run_dir)
-            if checkpoint is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
             restore_checkpoint(algo, checkpoint)
             logger.info("resumed from %s at iteration %d", checkpoint, algo.iteration)
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=algo.iteration + 1)
@@ -176,10 +213,14 @@ def train(
 
 
 def evaluate(
-    checkpoint: str | os.PathLike, splits: list[str], episodes: int, seed: int = 12345
+    checkpoint: str | os.PathLike,
+    splits: list[str],
+    episodes: int,
+    seed: int = 12345,
+    on_sampling: SamplingHook | None = None,
 ) -> dict[str, dict[str, float]]:
     exp, model_path = load_checkpoint(checkpoint)
-    algo = build_algorithm(exp, model_path)
+    algo = build_algorithm(exp, model_path, on_sampling)
     try:
         restore_checkpoint(algo, checkpoint)
         return algo.evaluate_splits(splits, episodes, seed=seed)
@@ -187,9 +228,16 @@ def evaluate(
         algo.stop()
 
 
-def evaluate_model(exp: Experiment, model_path: str, splits: list[str], episodes: int, seed: int = 12345):
+def evaluate_model(
+    exp: Experiment,
+    model_path: str,
+    splits: list[str],
+    episodes: int,
+    seed: int = 12345,
+    on_sampling: SamplingHook | None = None,
+) -> dict[str, dict[str, float]]:
     """Evaluate a model directory (e.g. right after SFT) with the experiment's settings."""
-    algo = build_algorithm(exp, model_path)
+    algo = build_algorithm(exp, model_path, on_sampling)
     try:
         return algo.evaluate_splits(splits, episodes, seed=seed)
     finally:

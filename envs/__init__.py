@@ -8,7 +8,7 @@ from envs.core import (
     TextEnv,
     UnknownEnvError,
 )
-from envs.registry import expert_action, list, make, register
+from envs.registry import check_config, expert_action, list, make, register
 
 register("alfworld", "envs.alfworld.env:AlfWorldEnv")
 register("webshop", "envs.webshop.env:WebShopEnv")
@@ -23,6 +23,7 @@ __all__ = [
     "EnvError",
     "TextEnv",
     "UnknownEnvError",
+    "check_config",
     "expert_action",
     "list",
     "make",

@@ -64,10 +64,7 @@ class TextEnv(gym.Env):
     lexicon: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, max_turns: int = 50, split: str = "train") -> None:
-        if not isinstance(max_turns, int) or max_turns < 1:
-            raise EnvConfigError(f"max_turns must be a positive int, got {max_turns!r}")
-        if split not in SPLITS:
-            raise EnvConfigError(f"split must be one of {SPLITS}, got {split!r}")
+        self.check_config(max_turns=max_turns, split=split)
         self.max_turns = max_turns
         self.split = split
         self.observation_space = gym.spaces.Text(max_length=1 << 20)
@@ -75,6 +72,21 @@ class TextEnv(gym.Env):
         self._turn = 0
         self._task_info: dict[str, Any] = {}
         self._done = False
+
+    @classmethod
+    def check_config(cls, **env_config: Any) -> None:
+        """Check the env_config values given, starting nothing (no engine, JVM or catalogue).
+
+        Raises EnvConfigError naming the key. `envs.check_config` calls this before a run
+        starts, so that a typo fails at once and not inside a worker; a subclass extends it
+        with its own cheap checks. Keys that are absent are not checked.
+        """
+        if "max_turns" in env_config:
+            max_turns = env_config["max_turns"]
+            if not isinstance(max_turns, int) or max_turns < 1:
+                raise EnvConfigError(f"max_turns must be a positive int, got {max_turns!r}")
+        if "split" in env_config and env_config["split"] not in SPLITS:
+            raise EnvConfigError(f"split must be one of {SPLITS}, got {env_config['split']!r}")
 
     # ---- to implement -------------------------------------------------------------------
     def _reset_task(self, seed: int | None, task: Any) -> tuple[str, dict[str, Any]]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from typing import Any, Callable
 
 import gymnasium as gym
 
-from envs.core import EnvConfigError, UnknownEnvError
+from envs.core import EnvConfigError, EnvError, UnknownEnvError
 
 EnvFactory = Callable[..., gym.Env]
 
@@ -48,20 +49,51 @@ def _resolve(entry_point: str | EnvFactory) -> EnvFactory:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def make(env_id: str, **env_config: Any) -> gym.Env:
-    """Make the environment `env_id` with `env_config` as keyword arguments."""
+def _lookup(env_id: str, env_config: dict[str, Any]) -> tuple[str | EnvFactory, dict[str, Any]]:
+    """The entry point of `env_id` and its keyword arguments (a prefix id adds its variant)."""
     if not isinstance(env_id, str):
         raise UnknownEnvError(f"env id must be a string, got {env_id!r}")
     if env_id in _REGISTRY:
-        factory, kwargs = _resolve(_REGISTRY[env_id]), dict(env_config)
-    else:
-        prefix = next((p for p in _PREFIXES if env_id.startswith(p) and len(env_id) > len(p)), None)
-        if prefix is None:
-            close = difflib.get_close_matches(env_id, list(), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UnknownEnvError(f"unknown env id {env_id!r}; known ids: {', '.join(list())}.{hint}")
-        factory = _resolve(_PREFIXES[prefix])
-        kwargs = {"variant": env_id[len(prefix):], **env_config}
+        return _REGISTRY[env_id], dict(env_config)
+    prefix = next((p for p in _PREFIXES if env_id.startswith(p) and len(env_id) > len(p)), None)
+    if prefix is None:
+        close = difflib.get_close_matches(env_id, list(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownEnvError(f"unknown env id {env_id!r}; known ids: {', '.join(list())}.{hint}")
+    return _PREFIXES[prefix], {"variant": env_id[len(prefix):], **env_config}
+
+
+def check_config(env_id: str, **env_config: Any) -> None:
+    """Check `env_id` and `env_config` without making the environment (no engine, JVM or
+    catalogue starts), so that a run can refuse a bad setting before it starts workers.
+
+    Raises UnknownEnvError for an unregistered id, EnvConfigError for a keyword the
+    environment does not take or a value its `check_config` classmethod rejects, and EnvError
+    when the environment's module cannot be imported. Values that only the running engine can
+    judge are checked when the environment is made.
+    """
+    entry_point, kwargs = _lookup(env_id, env_config)
+    try:
+        factory = _resolve(entry_point)
+    except ImportError as err:
+        raise EnvError(f"env {env_id!r} cannot be loaded: {err}") from err
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = [name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [key for key in kwargs if key not in takes]
+        if unknown:
+            raise EnvConfigError(
+                f"env {env_id!r}: bad env_config key {unknown[0]!r}; it takes: {', '.join(takes)}"
+            )
+    check = getattr(factory, "check_config", None)
+    if callable(check):
+        check(**kwargs)
+
+
+def make(env_id: str, **env_config: Any) -> gym.Env:
+    """Make the environment `env_id` with `env_config` as keyword arguments."""
+    entry_point, kwargs = _lookup(env_id, env_config)
+    factory = _resolve(entry_point)
     try:
         return factory(**kwargs)
     except TypeError as err:

@@ -78,8 +78,7 @@ class TextWorldExpressEnv(TextEnv):
         game_params: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(max_turns=max_turns, split=split)
-        if variant not in GAMES:
-            raise EnvConfigError(f"unknown TWX game {variant!r}; games: {', '.join(GAMES)}")
+        self.check_config(variant=variant)
         self.game = variant
         self.task_types = (variant,)
         self.game_params = _params_string(
@@ -102,6 +101,16 @@ class TextWorldExpressEnv(TextEnv):
         self._valid: list[str] = []
         self._gold: list[str] = []
         self._gold_pos = 0
+
+    @classmethod
+    def check_config(cls, **env_config: Any) -> None:
+        """TextEnv's checks, the game (the id's suffix) and `game_params`' syntax; whether
+        TWX accepts the parameters is known only once the JVM loads the game."""
+        super().check_config(**env_config)
+        if "variant" in env_config and env_config["variant"] not in GAMES:
+            raise EnvConfigError(f"unknown TWX game {env_config['variant']!r}; games: {', '.join(GAMES)}")
+        if env_config.get("game_params") is not None:
+            _params_string(env_config["game_params"])
 
     def tasks(self) -> int:
         """Number of games (TWX seeds) in this env's split."""

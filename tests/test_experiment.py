@@ -91,3 +91,30 @@ def test_step_entropy_defaults_to_choice_tokens_under_constrained_decoding():
     assert Experiment.model_fields["empg"].default.step_entropy is None  # the shared default is untouched
     with pytest.raises(ConfigError, match=r"'empg.step_entropy'"):
         validate({"empg": {"step_entropy": "some_tokens"}})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"env": "alfwrld"}, r"^bad value for 'env': 'alfwrld'; unknown env id .*Did you mean 'alfworld'"),
+        ({"env": "twx/cokingworld"}, r"^bad value for 'env': 'twx/cokingworld'; unknown TWX game"),
+        ({"env": "deepsearch", "env_config": {"topk": 2}}, r"^bad value for 'env_config'.*bad env_config key 'topk'"),
+        ({"env": "deepsearch", "env_config": {"split": "eval_seen"}}, r"^'env_config.split' is set by the experiment"),
+        ({"env": "deepsearch", "evaluation": {"splits": ["eval_seen", "valid"]}}, r"^bad value for 'evaluation.splits': 'valid'"),
+        ({"env": "deepsearch", "sft": {"split": "test"}}, r"^bad value for 'sft.split': 'test'"),
+    ],
+    ids=["unknown-env", "unknown-twx-game", "env-config-key", "env-config-split", "eval-split", "sft-split"],
+)
+def test_environment_settings_are_checked_before_ray_starts(settings, message):
+    import ray
+
+    with pytest.raises(ConfigError, match=message):
+        validate(settings)
+    assert not ray.is_initialized()
+
+
+def test_env_crash_retries_default_and_bounds():
+    assert validate({"env": "deepsearch"}).env_crash_retries == 2
+    assert validate({"env": "deepsearch", "env_crash_retries": 0}).env_crash_retries == 0
+    with pytest.raises(ConfigError, match="'env_crash_retries'"):
+        validate({"env_crash_retries": -1})

@@ -1,4 +1,5 @@
-"""Multi-turn rollouts: per-turn records, independent conversations, crashed environments."""
+"""Multi-turn rollouts: per-turn records, independent conversations, crashed and failing
+environments, whole groups."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import envs
 from empg_rllib.inference.base import SamplingParams
 from empg_rllib.inference.hf import HFEngine
 from empg_rllib.prompting import PromptConfig
-from empg_rllib.rollout import EpisodeRequest, RolloutStats, run_episodes
+from empg_rllib.rollout import Episode, EnvFailure, EpisodeRequest, RolloutStats, run_episodes, whole_groups
 from empg_rllib.scoring import score_responses
 
 
@@ -25,6 +26,13 @@ class CrashOnStep(gym.Wrapper):
         if self.steps == self.crash_at:
             raise envs.EnvCrashed("injected engine crash")
         return self.env.step(action)
+
+
+class ErrorOnStep(gym.Wrapper):
+    """Fault injection: an environment's own bug (not a crash) at every step."""
+
+    def step(self, action):
+        raise ValueError("the environment's own bug")
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +70,14 @@ def test_turn_records_hold_sampled_tokens(engine):
             assert episode.turns[0].action in engine.tokenizer.decode(episode.turns[1].prompt_ids)
 
 
-def test_crashed_env_is_replaced_and_its_episode_dropped(engine):
+def play_with_crashes(engine, crashing: int, crash_retries: int):
+    """Three requests, one at a time; the first `crashing` environments made crash at step 2."""
     made = []
 
     def make_env():
         env = envs.make("deepsearch", max_turns=3)
         made.append(env)
-        return CrashOnStep(env, crash_at=2) if len(made) == 1 else env
+        return CrashOnStep(env, crash_at=2) if len(made) <= crashing else env
 
     stats = RolloutStats()
     episodes = run_episodes(
@@ -80,10 +89,46 @@ def test_crashed_env_is_replaced_and_its_episode_dropped(engine):
         PromptConfig(think=False),
         max_concurrent=1,
         stats=stats,
+        crash_retries=crash_retries,
     )
-    assert stats.crashed_episodes == 1
-    assert len(episodes) == 2
+    return episodes, stats, made
+
+
+def test_crashed_env_is_replaced_and_its_episode_played_again(engine):
+    episodes, stats, made = play_with_crashes(engine, crashing=1, crash_retries=2)
+    assert (stats.env_crashes, stats.crash_retries, stats.crashed_episodes) == (1, 1, 0)
+    assert sorted(e.seed for e in episodes) == [0, 1, 2]
     assert len(made) == 2  # one replacement, then reused
+
+
+def test_episode_is_given_up_when_its_retries_run_out(engine):
+    episodes, stats, made = play_with_crashes(engine, crashing=3, crash_retries=2)
+    assert (stats.env_crashes, stats.crash_retries, stats.crashed_episodes) == (3, 2, 1)
+    assert sorted(e.seed for e in episodes) == [1, 2]
+    assert len(made) == 4
+
+
+@pytest.mark.parametrize(
+    ("env_id", "make_env", "message"),
+    [
+        ("no-such-env", lambda: envs.make("no-such-env"), r"raised UnknownEnvError when made .*unknown env id"),
+        ("deepsearch", lambda: envs.make("deepsearch", split="validation"), r"raised EnvConfigError when made .*split"),
+        ("deepsearch", lambda: ErrorOnStep(envs.make("deepsearch")), r"raised ValueError at step 1 of task .*own bug"),
+    ],
+    ids=["unknown-id", "bad-split", "env-bug"],
+)
+def test_a_non_crash_env_error_raises_env_failure_naming_env_and_cause(engine, env_id, make_env, message):
+    with pytest.raises(EnvFailure, match=f"^env '{env_id}' {message}"):
+        run_episodes(engine, engine.tokenizer, make_env, [EpisodeRequest(seed=0)] * 2,
+                     SamplingParams(max_new_tokens=8), PromptConfig(think=False), env_id=env_id)
+
+
+def test_whole_groups_drops_a_group_with_a_member_missing():
+    requests = [EpisodeRequest(seed=g, group=g) for g in ("a", "b", "c") for _ in range(2)]
+    episodes = [Episode(task_id="t", task_type="x", seed=0, group=g) for g in ("a", "a", "b", "c", "c")]
+    kept, dropped = whole_groups(requests, episodes)
+    assert dropped == ["b"]
+    assert [e.group for e in kept] == ["a", "a", "c", "c"]
 
 
 def test_constrained_actions_are_always_admissible(engine):

@@ -85,6 +85,13 @@ class DeepSearchEnv(TextEnv):
         # Every passage shown this episode; the expert reads its facts from these.
         self._retrieved: list[Passage] = []
 
+    @classmethod
+    def check_config(cls, **env_config: Any) -> None:
+        """TextEnv's checks, with the paper's split names accepted as aliases."""
+        if "split" in env_config:
+            env_config = {**env_config, "split": SPLIT_ALIASES.get(env_config["split"], env_config["split"])}
+        super().check_config(**env_config)
+
     def tasks(self) -> int:
         """Number of questions in this env's split."""
         return len(self._corpus.questions[self.split])

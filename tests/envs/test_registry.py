@@ -55,3 +55,18 @@ def test_step_before_reset_and_after_end_are_errors():
     env.step("search[x]")
     with pytest.raises(envs.EnvError, match="after the episode ended"):
         env.step("search[y]")
+
+
+def test_check_config_names_the_problem_without_making_the_env():
+    envs.check_config("deepsearch", split="eval_id", max_turns=3, top_k=2)  # a paper alias of eval_seen
+    envs.check_config("twx/coin", game_params={"numLocations": 3})
+    with pytest.raises(envs.UnknownEnvError, match="Did you mean 'alfworld'"):
+        envs.check_config("alfwrld")
+    with pytest.raises(envs.EnvConfigError, match=r"bad env_config key 'topk'; it takes: split, max_turns, top_k"):
+        envs.check_config("deepsearch", topk=2)
+    with pytest.raises(envs.EnvConfigError, match="split must be one of"):
+        envs.check_config("alfworld", split="valid")
+    with pytest.raises(envs.EnvConfigError, match="unknown TWX game 'cokingworld'"):
+        envs.check_config("twx/cokingworld")
+    with pytest.raises(envs.EnvConfigError, match="game_params"):
+        envs.check_config("twx/coin", game_params="numLocations=many")

@@ -1,0 +1,113 @@
+"""Whole-group fault handling through RLlib: a crashed environment is retried on a fresh one, a
+group is trained whole or dropped whole, and an environment's own error ends the run at once
+with a message naming the environment, with a local and with a remote env runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import envs
+from empg_rllib.experiment import validate
+from empg_rllib.rollout import EnvFailure
+from empg_rllib.training import build_algorithm
+from tests.env_doubles import FaultyEnv
+
+FAULTY = "test-faulty"
+SMALL = {
+    "env": FAULTY,
+    "tasks_per_batch": 2,
+    "group_size": 2,
+    "max_turns": 2,
+    "max_new_tokens": 8,
+    "micro_batch_size": 4,
+    "checkpoint_every": 0,
+    "iterations": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def faulty_env():
+    """The test double registered in this process, its count of environments made reset."""
+    from envs.registry import _REGISTRY
+
+    envs.register(FAULTY, "tests.env_doubles:FaultyEnv")
+    FaultyEnv.made = 0
+    yield
+    _REGISTRY.pop(FAULTY, None)
+
+
+def experiment(tmp_path, **overrides):
+    return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
+
+
+def lm_weights(algo) -> dict[str, torch.Tensor]:
+    module = algo.learner_group._learner.module["default_policy"]
+    return {k: v.detach().clone() for k, v in module.lm.state_dict().items()}
+
+
+@pytest.mark.timeout(300)
+def test_crashed_env_is_retried_and_its_group_trains_whole(ray_cluster, model_path, tmp_path):
+    algo = build_algorithm(experiment(tmp_path, env_config={"crash_first": 1}), model_path)
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    runners = result["env_runners"]
+    assert (runners["num_env_crashes"], runners["num_env_crash_retries"], runners["num_crashed_episodes"]) == (1, 1, 0)
+    assert runners["num_episodes"] == 4 and runners["num_crashed_groups_dropped"] == 0
+    assert result["train_turns"] == 4  # one turn per episode, every member of both groups
+
+
+@pytest.mark.timeout(300)
+def test_group_is_dropped_whole_and_counted_when_retries_run_out(ray_cluster, model_path, tmp_path):
+    # One conversation at a time: the first request crashes on all three environments it gets
+    # (one try, two retries); every later one plays on the fourth, healthy environment.
+    exp = experiment(tmp_path, env_config={"crash_first": 3}, env_crash_retries=2, max_concurrent_episodes=1)
+    algo = build_algorithm(exp, model_path)
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    runners = result["env_runners"]
+    assert (runners["num_env_crashes"], runners["num_env_crash_retries"], runners["num_crashed_episodes"]) == (3, 2, 1)
+    assert runners["num_episodes"] == 3
+    assert runners["num_crashed_groups_dropped"] == 1 and runners["num_crashed_groups_dropped_lifetime"] == 1
+    assert result["train_turns"] == 2  # the whole group that is left, never its crashed neighbour's survivor
+
+
+@pytest.mark.timeout(300)
+def test_update_is_skipped_when_every_group_is_dropped(ray_cluster, model_path, tmp_path):
+    algo = build_algorithm(experiment(tmp_path, env_config={"crash_first": 1000}, env_crash_retries=1), model_path)
+    try:
+        before = lm_weights(algo)
+        result = algo.train()
+        after = lm_weights(algo)
+    finally:
+        algo.stop()
+    runners = result["env_runners"]
+    assert runners["num_crashed_groups_dropped"] == 2 and runners["num_crashed_episodes"] == 4
+    assert result["skipped_iterations"] == 1 and "train_turns" not in result
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("num_env_runners", [0, 1], ids=["local-runner", "remote-runner"])
+def test_env_error_ends_the_run_with_a_message_naming_the_env(ray_cluster, model_path, tmp_path, num_env_runners):
+    exp = experiment(tmp_path, env_config={"error_at": "step"}, num_env_runners=num_env_runners)
+    algo = build_algorithm(exp, model_path)
+    try:
+        # A remote runner is another process: register the test double there too, by its
+        # entry point (importable there, see tests/env_doubles.py).
+        algo.env_runner_group.foreach_env_runner(
+            lambda runner: envs.register(FAULTY, "tests.env_doubles:FaultyEnv"), local_env_runner=False
+        )
+        where = "env runner 1: " if num_env_runners else ""
+        message = rf"^{where}env '{FAULTY}' raised ValueError at step 1 of task faulty/\d+ .*the environment's own bug"
+        with pytest.raises(EnvFailure, match=message):
+            algo.train()
+        # Stopped, not replayed: the remote runner is still the one it was, alive and healthy.
+        assert algo.env_runner_group.num_remote_worker_restarts() == 0
+        assert algo.env_runner_group.num_healthy_remote_workers() == num_env_runners
+    finally:
+        algo.stop()
