@@ -29,6 +29,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
 	$(PY) benchmarks/env_speed.py
+	$(PY) benchmarks/learner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

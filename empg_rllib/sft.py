@@ -28,7 +28,7 @@ from empg_rllib.fileio import atomic_directory
 from empg_rllib.inference.choices import ChoiceTrie, allowed_tensor
 from empg_rllib.precision import autocast, resolve_dtype
 from empg_rllib.prompting import HistoryTurn, PromptConfig, action_choices, build_prompt_ids, format_response
-from empg_rllib.scoring import left_pad, position_ids, score_responses, scores_of_tokens
+from empg_rllib.scoring import left_pad, position_ids, response_scores, score_responses, scores_of_tokens
 
 logger = logging.getLogger(__name__)
 _VERB = re.compile(r"[A-Za-z_]+")
@@ -108,7 +108,8 @@ def train_sft(
     bf16_autocast: bool = False,
     prompt_loss_weight: float = 0.0,
 ) -> list[float]:
-    """Cross-entropy on response tokens; returns the mean response loss of each epoch.
+    """Cross-entropy on response tokens; returns the mean response loss of each epoch. `log`
+    gets every optimiser step's `step` (of `steps`), `epoch` and response `loss`.
 
     `prompt_loss_weight` > 0 adds language modelling of the prompt tokens (observations,
     admissible actions) with that weight: for a model trained from scratch this is most of the
@@ -141,8 +142,13 @@ def train_sft(
             weight = (response + prompt_loss_weight * (1 - response) * mask)[:, 1:]
             allowed = allowed_tensor([d.allowed for d in chunk], max(len(d.response_ids) for d in chunk))
             with autocast(compute, model.device):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-            token_loss = -scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0]
+                if prompt_loss_weight:
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+                    token_loss = -scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0]
+                else:
+                    # Only the response is trained: the LM head runs at its positions alone, as
+                    # in the learner, not at every prompt position.
+                    token_loss = -response_scores(model, ids, mask, weight, 1.0, allowed)[0]
             loss = (token_loss * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,7 +159,7 @@ def train_sft(
             losses.append(float((token_loss.detach() * response_w).sum() / response_w.sum()))
             step += 1
             if log is not None:
-                log({"step": step, "epoch": epoch, "loss": losses[-1]})
+                log({"step": step, "steps": steps_total, "epoch": epoch, "loss": losses[-1]})
         epoch_losses.append(sum(losses) / len(losses))
     model.eval()
     return epoch_losses

@@ -158,3 +158,13 @@ def test_deepspeed_config_owns_accumulation_and_bf16():
     assert config["bf16"] == {"enabled": False}  # no native bf16: fp32 whatever was asked
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert deepspeed_config({}, micro_batch_size=2, grad_clip=None, bf16=True)["bf16"] == {"enabled": True}
+
+
+def test_zero_buckets_default_to_the_model_size():
+    small = deepspeed_config({}, micro_batch_size=2, grad_clip=None, bf16=False, parameters=4_000_000)
+    assert small["zero_optimization"]["reduce_bucket_size"] == small["zero_optimization"]["allgather_bucket_size"] == 4_000_000
+    large = deepspeed_config({}, micro_batch_size=2, grad_clip=None, bf16=False, parameters=7_000_000_000)
+    assert large["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's own default
+    own = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 123}}
+    kept = deepspeed_config(own, micro_batch_size=2, grad_clip=None, bf16=False, parameters=4_000_000)["zero_optimization"]
+    assert kept == {"reduce_bucket_size": 123, "allgather_bucket_size": 4_000_000, "stage": 2}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from empg_rllib import precision
+from empg_rllib.batch import random_rows
 from empg_rllib.experiment import validate
 from empg_rllib.losses import masked_aggregate
 from empg_rllib.training import build_algorithm
@@ -29,19 +30,7 @@ BASE = {
 
 def synthetic_batch(rows: int = 9, seed: int = 0, vocab: int = 500) -> dict[str, np.ndarray]:
     """Left-padded rows of random prompt + response ids (responses of 1-6 tokens, right-aligned)."""
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(3, 12, rows)
-    responses = rng.integers(1, 7, rows)
-    width = int((prompts + responses).max())
-    ids = np.zeros((rows, width), dtype=np.int64)
-    mask = np.zeros((rows, width), dtype=np.int64)
-    resp = np.zeros((rows, width - 1), dtype=np.float32)
-    for r in range(rows):
-        n = prompts[r] + responses[r]
-        ids[r, width - n :] = rng.integers(5, vocab, n)
-        mask[r, width - n :] = 1
-        resp[r, width - 1 - responses[r] :] = 1.0
-    return {"input_ids": ids, "attention_mask": mask, "resp_mask": resp}
+    return random_rows(rows, vocab, seed)
 
 
 def train_batch(algo, columns: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 import envs
+from empg_rllib.inference.choices import allowed_tensor
 from empg_rllib.prompting import PromptConfig, parse_response
+from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
 from empg_rllib.sft import (
     Demonstration,
     action_probabilities,
@@ -113,3 +116,20 @@ def test_cli_sft_saves_the_model_and_reports_held_out_action_probabilities(tmp_p
     assert (tmp_path / "model" / "config.json").exists()
     assert "P(expert action) on 2 eval_unseen expert episodes: all " in out
     assert "search " in out and "answer " in out
+
+
+def test_response_only_loss_equals_the_full_logits_loss(tiny_model, constrained_demos):
+    """SFT without prompt loss computes the LM head at response positions only: at lr 0 and
+    one batch, its loss is the full computation's (logits at every position)."""
+    tokenizer, model = tiny_model
+    turns = constrained_demos[0][:8]
+    ids, mask = left_pad([d.prompt_ids + d.response_ids for d in turns], tokenizer.pad_token_id)
+    response = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    for row, d in enumerate(turns):
+        response[row, -len(d.response_ids) :] = 1.0
+    allowed = allowed_tensor([d.allowed for d in turns], max(len(d.response_ids) for d in turns))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        want = float(-(scores_of_tokens(logits, ids[:, 1:], 1.0, allowed)[0] * response).sum() / response.sum())
+    [loss] = train_sft(copy.deepcopy(model), turns, tokenizer.pad_token_id, epochs=1, lr=0.0, batch_size=len(turns))
+    assert loss == pytest.approx(want, rel=1e-5)
