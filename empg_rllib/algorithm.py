@@ -62,8 +62,20 @@ class EMPGConfig(AlgorithmConfig):
         self.model_path = str(model_path)
         self.debugging(seed=exp.seed)
         self.training(lr=exp.lr, grad_clip=exp.grad_clip, grad_clip_by="global_norm", num_epochs=exp.num_epochs)
-        self.env_runners(num_env_runners=exp.num_env_runners, create_local_env_runner=exp.num_env_runners == 0)
-        self.learners(num_learners=exp.num_learners)
+        runner, learner = exp.resources.env_runner, exp.resources.learner
+        self.env_runners(
+            num_env_runners=exp.num_env_runners,
+            create_local_env_runner=exp.num_env_runners == 0,
+            num_cpus_per_env_runner=runner.cpus,
+            num_gpus_per_env_runner=runner.gpus,
+            custom_resources_per_env_runner=dict(runner.custom),
+        )
+        self.learners(
+            num_learners=exp.num_learners,
+            num_cpus_per_learner=learner.cpus,
+            num_gpus_per_learner=learner.gpus,
+            custom_resources_per_learner=dict(learner.custom),
+        )
         return self
 
     def model_json(self) -> dict[str, Any]:
@@ -241,6 +253,7 @@ class EMPG(Algorithm):
         if not episodes:
             logger.warning("iteration %d: no whole group to train on; skipping the update", self.iteration + 1)
             self.metrics.log_value("skipped_iterations", 1, reduce="sum")
+            self._evaluate_if_due()
             return
         advantage = episode_advantages(episodes, scale_by_std=exp.advantage == "grpo")
         batch = build_turn_batch(episodes, self._pad_id)
@@ -273,7 +286,12 @@ class EMPG(Algorithm):
         started = time.perf_counter()
         self.sync_runner_weights()
         self.metrics.log_value("weight_sync_s", time.perf_counter() - started, window=1)
+        self._evaluate_if_due()
 
+    def _evaluate_if_due(self) -> None:
+        """Every `evaluation.interval` iterations, whether or not this one updated the policy:
+        a sweep ranks its trials by these results (a weak policy's DAPO skips many updates)."""
+        exp = self.config.experiment
         if exp.evaluation.interval and (self.iteration + 1) % exp.evaluation.interval == 0:
             for split, result in self.evaluate_splits().items():
                 for key, value in result.items():

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-DEMO_EXPERIMENT = Path(__file__).resolve().parent.parent / "tuned_examples" / "demo.yaml"
+DEMO_EXPERIMENT = Path(__file__).resolve().parent / "tuned_examples" / "demo.yaml"
 
 
 #: Lines libraries log on every run that say nothing about it: (logger, start of the message).
@@ -123,12 +123,71 @@ def _run_sft(display, exp, out: str | os.PathLike) -> dict[str, Any]:
         return run_sft(exp, out, log=display.sft_logger(exp.sft.epochs, exp.sft.heldout_episodes))
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """The cluster to join: --address, else $RAY_ADDRESS; None starts a local Ray. --address is
+    written into $RAY_ADDRESS, which Ray's own clients read before any argument. A dashboard
+    address (http://head:8265) only serves --dry-run, which reads the nodes through it."""
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and "://" in address and not getattr(args, "dry_run", False):
+        raise SystemExit(
+            f"empg: {address} is a dashboard or client address; empg {args.command} joins a cluster by its GCS "
+            "address (head:6379). From outside the cluster, run it as a job: ray job submit --address "
+            f"{address} -- empg {args.command} ..."
+        )
+    return address
+
+
+def _ray_logs_line(address: str | None, logs: Path) -> str:
+    if address:
+        return "worker logs: in the driver's output above, and on each node in /tmp/ray/session_latest/logs"
+    return f"worker logs: {logs}"
+
+
+def _dry_run(args: argparse.Namespace, exp: Any) -> int:
+    """Print the plan; check it against --cluster-yaml's node types or the cluster joined."""
+    import yaml
+
+    from empg_rllib.plan import fit_plan, nodes_of_cluster_config, plan_of
+
+    plan = plan_of(exp)
+    print("\n".join(plan.lines()))
+    address = _ray_address(args)
+    if args.cluster_yaml:
+        config = yaml.safe_load(Path(args.cluster_yaml).read_text())
+        try:
+            nodes, names = nodes_of_cluster_config(config)
+        except ValueError as err:
+            raise SystemExit(f"empg: {args.cluster_yaml}: {err}") from None
+        where = f"the node types of {args.cluster_yaml} (each up to its max_workers)"
+    elif address:
+        from empg_rllib.cluster import live_nodes
+
+        nodes, names = live_nodes(address)
+        where = f"the {len(nodes)} alive node(s) of the cluster at {address}"
+    else:
+        print("not checked against a cluster: give --address (or set RAY_ADDRESS) or --cluster-yaml")
+        return 0
+    problems = fit_plan(plan, nodes, names)
+    if problems:
+        print(f"does NOT fit {where}:")
+        print("\n".join(f"  - {problem}" for problem in problems))
+        return 1
+    print(f"fits {where}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from empg_rllib import models
+    from empg_rllib.cluster import NodePathError
     from empg_rllib.progress import TerminalProgress
-    from empg_rllib.training import ray_session, run_dir_of, train
+    from empg_rllib.training import RAY_LOGS, ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
+    if args.dry_run:
+        return _dry_run(args, exp)
+    address = _ray_address(args)
     removed = _start_run(run_dir_of(exp), args.resume, args.overwrite)
     _quiet_libraries()
     console = _console()
@@ -143,15 +202,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 console.print(_sft_line(exp, _run_sft(display, exp, sft_dir)))
             model_path = str(sft_dir)
             console.print(f"warm start: {model_path}")
-        with display.phase("starting Ray, env runners and learners"), ray_session():
-            summary = train(
-                exp,
-                model_path,
-                resume=args.resume,
-                on_iteration=_progress_printer(display, exp),
-                on_sampling=display.sampling,
-            )
+        logs = run_dir_of(exp) / RAY_LOGS
+        with display.phase("starting Ray, env runners and learners"), ray_session(address=address, logs_to=logs):
+            try:
+                summary = train(
+                    exp,
+                    model_path,
+                    resume=args.resume,
+                    on_iteration=_progress_printer(display, exp),
+                    on_sampling=display.sampling,
+                )
+            except NodePathError as err:
+                raise SystemExit(f"empg: {err}") from None
     console.print(f"checkpoint: {summary['checkpoint']}  (TensorBoard: {exp.run_dir}/{exp.name}/tensorboard)")
+    console.print(_ray_logs_line(address, logs))
     return 0
 
 
@@ -175,14 +239,22 @@ def _results_table(title: str, rows: dict[str, dict[str, dict[str, float]]]):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from empg_rllib.cluster import NodePathError
     from empg_rllib.progress import TerminalProgress
-    from empg_rllib.training import evaluate, ray_session
+    from empg_rllib.training import RAY_LOGS, evaluate, ray_session
 
+    address = _ray_address(args)
     _quiet_libraries()
     console = _console()
-    with TerminalProgress(console) as display, display.phase("loading the checkpoint"), ray_session():
-        results = evaluate(args.checkpoint, args.split, args.episodes, seed=args.seed, on_sampling=display.sampling)
+    logs = Path(args.checkpoint).resolve().parent / RAY_LOGS
+    with TerminalProgress(console) as display, display.phase("loading the checkpoint"):
+        with ray_session(address=address, logs_to=logs):
+            try:
+                results = evaluate(args.checkpoint, args.split, args.episodes, seed=args.seed, on_sampling=display.sampling)
+            except NodePathError as err:
+                raise SystemExit(f"empg: {err}") from None
     console.print(_results_table(f"{args.checkpoint}", {"checkpoint": results}))
+    console.print(_ray_logs_line(address, logs))
     return 0
 
 
@@ -218,9 +290,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from empg_rllib import models
     from empg_rllib.progress import TerminalProgress
-    from empg_rllib.training import evaluate, evaluate_model, ray_session, run_dir_of, train
+    from empg_rllib.training import RAY_LOGS, evaluate, evaluate_model, ray_session, run_dir_of, train
 
     exp = _load_experiment(args.experiment, args.set)
+    address = _ray_address(args)
     run_dir = run_dir_of(exp)
     # The demo is re-run as it is (`make demo`): it starts its own run over, and says so.
     removed = _start_run(run_dir, resume=False, overwrite=True)
@@ -238,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"2. {_sft_line(exp, sft)}")
         rl_exp = exp.model_copy(update={"model": sft["model"]})
         splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
-        with ray_session():
+        with ray_session(address=address, logs_to=run_dir / RAY_LOGS):
             with display.phase("evaluating the SFT model"):
                 sft_results = evaluate_model(rl_exp, sft["model"], splits, episodes, on_sampling=display.sampling)
             console.print(f"3. SFT-only evaluation done ({time.perf_counter() - started:.0f}s)")
@@ -257,7 +330,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = {"experiment": exp.model_dump(), "sft": sft, "sft_only": sft_results, "after_rl": rl_results, "wall_s": elapsed, "checkpoint": summary["checkpoint"]}
     (run_dir / "demo_summary.json").write_text(json.dumps(report, indent=2))
     console.print(f"demo finished in {elapsed:.0f}s; TensorBoard logs: {run_dir / 'tensorboard'}; summary: {run_dir / 'demo_summary.json'}")
+    console.print(_ray_logs_line(address, run_dir / RAY_LOGS))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A Ray Tune sweep of a sweep file: every trial validated first, then a results table, a
+    CSV and the best trial as an experiment file for `empg train`."""
+    from empg_rllib import sweep as sweeps
+    from empg_rllib.experiment import ConfigError
+    from empg_rllib.training import RAY_LOGS, ray_session
+
+    try:
+        spec = sweeps.load(args.sweep)
+        if args.overwrite:
+            sweeps.clear_dir(spec)
+        sweeps.check_dir(spec, args.resume)
+        if not args.resume:
+            sweeps.model_paths(spec)  # a missing model stops the sweep here, before Ray starts
+    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(f"empg: {args.sweep}: {err}") from None
+    address = _ray_address(args)
+    _quiet_libraries()
+    console = _console()
+    verb = "continuing" if args.resume else "running"
+    console.print(f"sweep {spec.name}: {verb} {len(spec.trials)} trials in {spec.dir}")
+    with ray_session(address=address, logs_to=spec.dir / RAY_LOGS):
+        outcome = sweeps.run(spec, resume=args.resume)
+    console.print(sweeps.results_table(spec, outcome.rows))
+    console.print(f"results: {outcome.csv}  (TensorBoard: --logdir {spec.dir})")
+    console.print(_ray_logs_line(address, spec.dir / RAY_LOGS))
+    if outcome.unfinished:
+        console.print(f"interrupted: {outcome.unfinished} trial(s) unfinished; continue with: empg sweep {args.sweep} --resume")
+        return 1
+    if outcome.best is None:
+        console.print(f"no trial reported {spec.settings.metric}; no best trial")
+        return 1
+    trial, value = outcome.best
+    console.print(f"best: {trial.name} ({spec.settings.metric} {value:.4g}) -> {outcome.best_yaml}")
+    console.print(f"train it: empg train {outcome.best_yaml}")
+    return 0
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="join the running Ray cluster at this GCS address (head:6379) instead of starting a local "
+        "Ray; default: $RAY_ADDRESS, which `ray job submit` sets",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with an experiment YAML")
     p.add_argument("experiment", help="a tuned_examples/*.yaml file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted for sections)")
+    _address_argument(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resource plan and check it against the cluster (--address / RAY_ADDRESS) or "
+        "--cluster-yaml; starts nothing",
+    )
+    p.add_argument(
+        "--cluster-yaml", metavar="FILE", help="with --dry-run: check against this `ray up` config's node types"
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     start.add_argument(
@@ -296,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", nargs="+", default=["eval_unseen"])
     p.add_argument("--episodes", type=int, default=32)
     p.add_argument("--seed", type=int, default=12345)
+    _address_argument(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sft", help="behaviour cloning on expert demonstrations (warm start)")
@@ -307,7 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default: tiny model, SFT, EMPG RL, evaluation")
     p.add_argument("experiment", nargs="?", default=str(DEMO_EXPERIMENT))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _address_argument(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="a Ray Tune sweep over experiment keys (tuned_examples/sweeps/*.yaml)")
+    p.add_argument("sweep", help="a sweep file: base experiment, search space, metric (README: Sweeps)")
+    _address_argument(p)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    start.add_argument("--overwrite", action="store_true", help="start over: delete the sweep's earlier directory")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

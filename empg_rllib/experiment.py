@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import envs
 from empg_rllib.prompting import PromptConfig
@@ -85,6 +85,41 @@ class LoRASettings(_Strict):
         return self
 
 
+#: Resource names Ray reserves for itself: `cpus` and `gpus` set the first two, and the
+#: others are not requested per actor.
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class ActorResources(_Strict):
+    """What Ray reserves for one actor: the actor lands on a node that has it all free.
+    `custom` pins actors to node types: a node type that declares `vllm_runner: 1` in its
+    `resources:` takes the actors asking for `vllm_runner: 1`."""
+
+    cpus: float = Field(1, ge=0)
+    gpus: float = Field(0, ge=0)
+    custom: dict[str, Annotated[float, Field(gt=0)]] = {}
+
+    @field_validator("custom")
+    @classmethod
+    def _not_ray_names(cls, custom: dict[str, float]) -> dict[str, float]:
+        if reserved := [name for name in custom if name in _RAY_RESOURCES]:
+            raise ValueError(f"names other than Ray's own {', '.join(reserved)} (set CPUs and GPUs with cpus / gpus)")
+        return custom
+
+    def ray_resources(self) -> dict[str, float]:
+        """As Ray names them: {"CPU": ..., "GPU": ..., custom...}, zero amounts left out."""
+        return {k: v for k, v in {"CPU": self.cpus, "GPU": self.gpus, **self.custom}.items() if v}
+
+
+class ResourceSettings(_Strict):
+    """Resources of each remote env runner and each remote learner (`num_env_runners` and
+    `num_learners` say how many). With a count of 0 that part runs in the driver process,
+    which Ray reserves nothing for."""
+
+    env_runner: ActorResources = ActorResources()
+    learner: ActorResources = ActorResources()
+
+
 class Experiment(_Strict):
     """Everything an EMPG experiment sets."""
 
@@ -139,6 +174,7 @@ class Experiment(_Strict):
     # written in DeepSpeed's own config keys (zero_optimization.stage, offload_optimizer, ...).
     learner_backend: Literal["torch", "deepspeed"] = "torch"
     deepspeed: dict[str, Any] = {}
+    resources: ResourceSettings = ResourceSettings()
     iterations: int = Field(10, ge=1)
     checkpoint_every: int = Field(5, ge=0)
     run_dir: str = "runs"
@@ -293,11 +329,28 @@ def validate(data: dict[str, Any]) -> Experiment:
     return exp
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override and validate an experiment YAML file."""
+#: The experiment files shipped inside the package (the repository's `tuned_examples/`).
+TUNED_EXAMPLES = Path(__file__).resolve().parent / "tuned_examples"
+
+
+def experiment_path(path: str | Path) -> Path:
+    """`path` itself, or else the shipped file it names (`tuned_examples/demo.yaml`,
+    `demo.yaml`), so that an installed wheel runs its examples from any directory."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    if path.exists():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("tuned_examples",) else path.parts
+    shipped = TUNED_EXAMPLES.joinpath(*parts) if parts and not path.is_absolute() else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"experiment file {str(path)!r} does not exist here, nor among the shipped examples in {TUNED_EXAMPLES}"
+    )
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment YAML file (`experiment_path` finds it)."""
+    path = experiment_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

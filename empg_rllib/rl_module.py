@@ -15,6 +15,8 @@ wrapped: it merges received adapters into its own weights, W = W_base + alpha / 
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +74,12 @@ class LLMRLModule(TorchRLModule):
         config = self.model_config or {}
         if "path" not in config:
             raise ValueError("LLMRLModule needs model_config['path'] (a model directory)")
+        if not (Path(config["path"]) / "config.json").is_file():
+            # Said here, on the node: an autoscaled node the driver could not check beforehand.
+            raise FileNotFoundError(
+                f"node {socket.gethostname()} cannot see the model directory {config['path']} (no config.json "
+                "there); on a cluster it must be on storage every node mounts at the same path"
+            )
         self.dtype_requested = config.get("dtype", "float32")
         # Modules are built on CPU and moved to their device later, so the compute dtype is
         # resolved for the device the weights are on at the first forward pass.

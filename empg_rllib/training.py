@@ -24,42 +24,90 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_"
+#: Where a command that started its own Ray copies the session's logs, in the run directory.
+RAY_LOGS = "ray_logs"
+
+
+#: Environment of every Ray worker: no tokenizer thread pools fighting Ray's, no hub access.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
-    """A local Ray instance whose temp files stay under $RAY_TMPDIR (default: a fresh temp dir)."""
+def ray_session(
+    num_cpus: int | None = None, address: str | None = None, logs_to: str | os.PathLike | None = None
+) -> Iterator[None]:
+    """Ray for one command: join the running cluster at `address` (default: $RAY_ADDRESS, which
+    `ray job submit` sets for its entrypoint) or, with neither, start a local instance whose temp
+    files stay under $RAY_TMPDIR (default: a fresh temp dir, deleted at exit).
+
+    Worker logs (stdout and stderr of env runners and learners): on a cluster they stream to
+    the driver, i.e. into the job's log under `ray job submit`, and stay in each node's
+    /tmp/ray/session_latest/logs. A local instance keeps them out of the terminal (the live
+    progress line) and, given `logs_to`, copies its whole logs folder to
+    `logs_to/<session name>` when it ends, error or not."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": _worker_env_beside_job()})
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
     own_tmp = None
     if "RAY_TMPDIR" not in os.environ:
         own_tmp = tempfile.mkdtemp(prefix="empg-ray-")
         os.environ["RAY_TMPDIR"] = own_tmp
-    if ray.is_initialized():
-        yield
-        return
+    # "local": a new instance even when `ray start` left one running on this machine, which
+    # ray.init() would join (and then refuse num_cpus).
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+        runtime_env={"env_vars": dict(WORKER_ENV)},
     )
+    # Ray's own accessor; no public API names the session's logs folder.
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     try:
         yield
     finally:
         ray.shutdown()
+        if logs_to is not None and logs.is_dir():
+            shutil.copytree(logs, Path(logs_to) / logs.parent.name, dirs_exist_ok=True)
         if own_tmp:
             shutil.rmtree(own_tmp, ignore_errors=True)
             os.environ.pop("RAY_TMPDIR", None)
 
 
-def build_algorithm(exp: Experiment, model_path: str | os.PathLike, on_sampling: SamplingHook | None = None):
-    from empg_rllib.algorithm import EMPGConfig
+def _worker_env_beside_job() -> dict[str, str]:
+    """WORKER_ENV without the variables a submitted job's runtime_env sets itself: Ray refuses
+    a driver's runtime_env that repeats one of the job's keys, and the user's value wins."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}).keys()
+    return {k: v for k, v in WORKER_ENV.items() if k not in taken}
 
+
+def build_algorithm(
+    exp: Experiment,
+    model_path: str | os.PathLike,
+    on_sampling: SamplingHook | None = None,
+    shared_dir: str | os.PathLike | None = None,
+):
+    """The EMPG algorithm of `exp`, after checking that every node of the cluster sees
+    `model_path` and `shared_dir` (a run directory learners write into; cluster.check_nodes_see)."""
+    from empg_rllib.algorithm import EMPGConfig
+    from empg_rllib.cluster import check_nodes_see
+
+    check_nodes_see(model_path, shared_dir)
     algo = EMPGConfig().experiment_from(exp, str(model_path)).build_algo()
     if on_sampling is not None:
         algo.on_sampling = on_sampling
@@ -90,7 +138,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 #: What a run writes into its directory, and nothing else: all that starting over deletes.
-RUN_OUTPUTS = (f"{CHECKPOINT_PREFIX}*", "history.json", "tensorboard", "sft_model")
+RUN_OUTPUTS = (f"{CHECKPOINT_PREFIX}*", "history.json", "tensorboard", "sft_model", RAY_LOGS)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -180,7 +228,7 @@ def train(
     run_dir = run_dir_of(exp)
     check_run_dir(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    algo = build_algorithm(exp, model_path, on_sampling)
+    algo = build_algorithm(exp, model_path, on_sampling, shared_dir=run_dir)
     try:
         if resume:
             checkpoint = latest_checkpoint(run_dir)
@@ -200,10 +248,11 @@ def train(
                 writer.add_histogram("step_entropy", np.asarray(values), iteration)
             writer.flush()
             history.append({"iteration": iteration, **{k: scalars.get(v) for k, v in SUMMARY_KEYS.items()}})
-            if on_iteration:
-                on_iteration(iteration, scalars)
             if exp.checkpoint_every and iteration % exp.checkpoint_every == 0:
                 save_checkpoint(algo, run_dir, exp, model_path)
+            # After the checkpoint: a caller may end the process here (Tune stopping a trial).
+            if on_iteration:
+                on_iteration(iteration, scalars)
         final = save_checkpoint(algo, run_dir, exp, model_path)
         writer.close()
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
@@ -220,7 +269,7 @@ def evaluate(
     on_sampling: SamplingHook | None = None,
 ) -> dict[str, dict[str, float]]:
     exp, model_path = load_checkpoint(checkpoint)
-    algo = build_algorithm(exp, model_path, on_sampling)
+    algo = build_algorithm(exp, model_path, on_sampling, shared_dir=Path(checkpoint).parent)
     try:
         restore_checkpoint(algo, checkpoint)
         return algo.evaluate_splits(splits, episodes, seed=seed)

@@ -1,8 +1,12 @@
 """Env ids -> environment classes.
 
 Built-in ids are registered below as `module:Class` strings so that importing `envs` does not
-import every engine. Users add their own with `register(env_id, "pkg.module:Class")` in Python;
-a YAML config may only name ids registered here (never an arbitrary import path), which keeps
+import every engine. An installed package adds its own through the entry-point group
+`empg_rllib.envs` (name = env id, value = "module:Class"; a name ending in "/" is a prefix id):
+they are read when an id is not found here, in whatever process looks it up, so the driver and
+every remote env runner on every node see the same ids as long as the package is importable
+there. `register(env_id, "pkg.module:Class")` from Python reaches only the process that calls
+it. A YAML config may only name ids known here (never an arbitrary import path), which keeps
 experiment files from executing code.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import inspect
 from typing import Any, Callable
 
@@ -19,43 +24,97 @@ from envs.core import EnvConfigError, EnvError, UnknownEnvError
 
 EnvFactory = Callable[..., gym.Env]
 
-_REGISTRY: dict[str, str | EnvFactory] = {}
+#: The entry-point group through which installed packages register environment ids.
+ENTRY_POINT_GROUP = "empg_rllib.envs"
+
+#: What an id maps to: "module:Class", a callable, or an installed package's entry point
+#: (imported when the environment is first checked or made).
+Registration = str | EnvFactory | importlib.metadata.EntryPoint
+
+_REGISTRY: dict[str, Registration] = {}
 # Ids whose suffix selects a variant: "twx/<game>" -> the TWX env with game=<game>.
-_PREFIXES: dict[str, str | EnvFactory] = {}
+_PREFIXES: dict[str, Registration] = {}
 
 
-def register(env_id: str, entry_point: str | EnvFactory, *, prefix: bool = False) -> None:
-    """Register `entry_point` ("module:Class" or a callable) under `env_id`.
+def register(env_id: str, entry_point: Registration, *, prefix: bool = False) -> None:
+    """Register `entry_point` ("module:Class", a callable, or an installed package's entry
+    point) under `env_id`, in this process only: remote env runners do not see it (an
+    installed package's `empg_rllib.envs` entry point reaches every process).
 
     With `prefix=True`, `env_id` must end in "/" and any id `env_id + name` makes the env with
     `variant=name`.
     """
     if prefix and not env_id.endswith("/"):
         raise ValueError(f"a prefix env id must end with '/', got {env_id!r}")
-    if isinstance(entry_point, str) and ":" not in entry_point:
-        raise ValueError(f"entry point must be 'module:Class', got {entry_point!r}")
+    target = _target(entry_point) if not callable(entry_point) else None
+    if target is not None and ":" not in target:
+        raise ValueError(f"entry point must be 'module:Class', got {target!r}")
     (_PREFIXES if prefix else _REGISTRY)[env_id] = entry_point
 
 
+def load_entry_points() -> None:
+    """Register the ids that installed packages declare in the `empg_rllib.envs` entry-point
+    group. Read afresh on every call (a scan of the installed distributions, no import), so a
+    package made importable after the first lookup is still found. An id that an entry point
+    and an earlier registration give different classes is an error naming both: silently
+    preferring one would train on an environment the experiment file did not mean."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        prefix = ep.name.endswith("/")
+        table = _PREFIXES if prefix else _REGISTRY
+        known = table.get(ep.name)
+        if known is None:
+            register(ep.name, ep, prefix=prefix)
+        elif _target(known) != ep.value:
+            source = ep.dist.name if ep.dist is not None else "an installed package"
+            raise EnvError(
+                f"env id {ep.name!r} is registered as {_target(known)!r} and again by {source} "
+                f"(entry point group {ENTRY_POINT_GROUP!r}) as {ep.value!r}; rename one of them"
+            )
+
+
+def _target(entry_point: Registration) -> str:
+    """The "module:Class" an entry point names (a callable's qualified name)."""
+    if isinstance(entry_point, importlib.metadata.EntryPoint):
+        return entry_point.value
+    if isinstance(entry_point, str):
+        return entry_point
+    return f"{entry_point.__module__}:{entry_point.__qualname__}"
+
+
 def list() -> list[str]:  # noqa: A001 - the protocol names it envs.list()
-    """Known env ids; prefix ids are shown as 'twx/<game>'."""
+    """Known env ids, installed packages' included; prefix ids are shown as 'twx/<game>'."""
+    load_entry_points()
     return sorted(_REGISTRY) + sorted(p + "<game>" for p in _PREFIXES)
 
 
-def _resolve(entry_point: str | EnvFactory) -> EnvFactory:
+def _resolve(entry_point: Registration) -> EnvFactory:
+    if isinstance(entry_point, importlib.metadata.EntryPoint):
+        return entry_point.load()
     if callable(entry_point):
         return entry_point
     module_name, _, attr = entry_point.partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _lookup(env_id: str, env_config: dict[str, Any]) -> tuple[str | EnvFactory, dict[str, Any]]:
-    """The entry point of `env_id` and its keyword arguments (a prefix id adds its variant)."""
+def _find(env_id: str) -> tuple[str | None, str | None]:
+    """(`env_id` itself if registered, else the prefix id it extends), None where neither."""
+    if env_id in _REGISTRY:
+        return env_id, None
+    return None, next((p for p in _PREFIXES if env_id.startswith(p) and len(env_id) > len(p)), None)
+
+
+def _lookup(env_id: str, env_config: dict[str, Any]) -> tuple[Registration, dict[str, Any]]:
+    """The entry point of `env_id` and its keyword arguments (a prefix id adds its variant).
+    Installed packages' entry points are read only when the id is not known yet: built-in ids
+    never pay for the scan."""
     if not isinstance(env_id, str):
         raise UnknownEnvError(f"env id must be a string, got {env_id!r}")
-    if env_id in _REGISTRY:
-        return _REGISTRY[env_id], dict(env_config)
-    prefix = next((p for p in _PREFIXES if env_id.startswith(p) and len(env_id) > len(p)), None)
+    exact, prefix = _find(env_id)
+    if exact is None and prefix is None:
+        load_entry_points()
+        exact, prefix = _find(env_id)
+    if exact is not None:
+        return _REGISTRY[exact], dict(env_config)
     if prefix is None:
         close = difflib.get_close_matches(env_id, list(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -75,8 +134,8 @@ def check_config(env_id: str, **env_config: Any) -> None:
     entry_point, kwargs = _lookup(env_id, env_config)
     try:
         factory = _resolve(entry_point)
-    except ImportError as err:
-        raise EnvError(f"env {env_id!r} cannot be loaded: {err}") from err
+    except (ImportError, AttributeError) as err:
+        raise EnvError(f"env {env_id!r} cannot be loaded from {_target(entry_point)!r}: {err}") from err
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         takes = [name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

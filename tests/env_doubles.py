@@ -7,6 +7,7 @@ root, where pytest runs) on every worker's sys.path.
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 from envs import EnvConfigError, EnvCrashed, TextEnv
@@ -55,3 +56,32 @@ class FaultyEnv(TextEnv):
             raise ValueError("test double: the environment's own bug at step")
         won = len(action) % 2 == 0
         return "Done.", float(won), True, {"won": won, "score": float(won), "invalid_action": False}
+
+
+FAIL_ONCE = "test-fail-once"
+
+
+class FailOnceEnv(FaultyEnv):
+    """Test double: the first reset anywhere raises (the environment's own bug) while the file
+    `flag` exists, deleting it; every later reset plays normally. Deleting a file is atomic, so
+    across processes exactly one reset fails: a Tune trial restarted in a fresh actor, or any
+    other trial, sees no flag."""
+
+    def __init__(self, split: str = "train", max_turns: int = 3, flag: str = "") -> None:
+        super().__init__(split=split, max_turns=max_turns)
+        self.flag = flag
+
+    def _reset_task(self, seed: int | None, task: Any) -> tuple[str, dict[str, Any]]:
+        try:
+            os.remove(self.flag)
+        except FileNotFoundError:
+            return super()._reset_task(seed, task)
+        raise ValueError("test double: failing once")
+
+
+def register_doubles() -> None:
+    """Register FailOnceEnv in this process; a Ray `worker_process_setup_hook`, so that Tune
+    trials (each an actor of its own) know the id too."""
+    import envs
+
+    envs.register(FAIL_ONCE, "tests.env_doubles:FailOnceEnv")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
+
 import pytest
 
 import envs
 from envs.deepsearch.env import DeepSearchEnv
+from envs.registry import _REGISTRY
+from tests.plugin_env import ENV_ID, MODULE, write_env_plugin
 
 
 def test_builtin_ids_are_listed():
@@ -45,6 +50,48 @@ def test_user_registration_by_entry_point_and_callable():
         _REGISTRY.pop("test-deepsearch-short", None)
     with pytest.raises(ValueError, match="module:Class"):
         envs.register("bad", "not_an_entry_point")
+
+
+@pytest.fixture
+def plugin_on_path(tmp_path, monkeypatch):
+    """The user's env package importable in this process, and forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(write_env_plugin(tmp_path / "site")))
+    yield tmp_path / "site"
+    _REGISTRY.pop(ENV_ID, None)
+    sys.modules.pop(MODULE, None)
+
+
+def test_an_installed_package_names_its_env_through_an_entry_point(plugin_on_path):
+    assert ENV_ID in envs.list()
+    envs.check_config(ENV_ID, split="eval_seen", max_turns=2)
+    with pytest.raises(envs.EnvConfigError, match="colour"):
+        envs.check_config(ENV_ID, colour="red")
+    env = envs.make(ENV_ID, max_turns=2)
+    obs, _ = env.reset(seed=1)
+    assert obs == "Say green."
+    _, reward, terminated, _, info = env.step("green")
+    assert terminated and info["won"] and reward == 1.0
+
+
+def test_entry_points_are_read_only_for_ids_not_known_yet(plugin_on_path, monkeypatch):
+    scans = []
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: scans.append(kw) or real(**kw))
+    envs.check_config("deepsearch")
+    assert scans == []
+    envs.check_config(ENV_ID)  # first lookup: one scan registers it
+    envs.check_config(ENV_ID)
+    assert scans == [{"group": "empg_rllib.envs"}]
+
+
+def test_an_entry_point_claiming_a_known_id_is_an_error_naming_both(tmp_path, monkeypatch):
+    info = tmp_path / "other-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: other\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[empg_rllib.envs]\ndeepsearch = other_envs:Search\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(envs.EnvError, match=r"'deepsearch'.*envs.deepsearch.env:DeepSearchEnv.*other.*other_envs:Search"):
+        envs.make("no-such-env")
 
 
 def test_step_before_reset_and_after_end_are_errors():
