@@ -230,6 +230,11 @@ def run_sft(exp: Any, out_dir: str | os.PathLike, log: Callable[[dict[str, float
         constrain_actions=exp.constrain_actions,
     )
     collected = time.perf_counter()
+    if not demos:
+        raise ValueError(
+            f"SFT: the expert won none of its {exp.sft.episodes} {exp.env} episodes within max_turns={exp.max_turns}, "
+            "so there is nothing to imitate; raise max_turns or sft.episodes"
+        )
     torch.manual_seed(exp.seed)
     losses = train_sft(
         model,

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A demo small enough for a test: the same file, a fraction of its episodes and iterations.
 TINY_DEMO = [
-    "sft.episodes=2", "sft.epochs=1", "sft.heldout_episodes=0", "iterations=1", "checkpoint_every=1",
-    "tasks_per_batch=1", "group_size=2", "max_turns=4", "evaluation.episodes=2",
+    "sft.episodes=3", "sft.epochs=1", "sft.heldout_episodes=0", "iterations=1", "checkpoint_every=1",
+    "tasks_per_batch=1", "group_size=2", "evaluation.episodes=2",
 ]
 
 

@@ -11,11 +11,13 @@ import envs
 from empg_rllib.inference.choices import allowed_tensor
 from empg_rllib.prompting import PromptConfig, parse_response
 from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
+from empg_rllib.experiment import validate
 from empg_rllib.sft import (
     Demonstration,
     action_probabilities,
     allowed_along,
     collect_demonstrations,
+    run_sft,
     save_model,
     train_sft,
 )
@@ -46,6 +48,13 @@ def test_training_lowers_the_response_loss(tiny_model, demos, prompt_loss_weight
     assert losses[-1] < 0.8 * losses[0]
     path = save_model(model, tokenizer, tmp_path / "sft")
     assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+
+
+def test_an_expert_that_never_wins_is_named_before_training(model_path, tmp_path):
+    # The deep-search expert needs a search before its answer: one turn is never enough.
+    exp = validate({"env": "deepsearch", "model": str(model_path), "max_turns": 1, "sft": {"episodes": 2}})
+    with pytest.raises(ValueError, match="won none of its 2 deepsearch episodes within max_turns=1"):
+        run_sft(exp, tmp_path / "sft")
 
 
 def test_no_demonstrations_is_an_error(tiny_model):
