@@ -12,18 +12,11 @@ from empg_rllib.experiment import validate
 from empg_rllib.rollout import EnvFailure
 from empg_rllib.training import build_algorithm
 from tests.env_doubles import FaultyEnv
+from tests.test_algorithm import SMALL as ALGORITHM_SMALL
+from tests.test_algorithm import lm_weights
 
 FAULTY = "test-faulty"
-SMALL = {
-    "env": FAULTY,
-    "tasks_per_batch": 2,
-    "group_size": 2,
-    "max_turns": 2,
-    "max_new_tokens": 8,
-    "micro_batch_size": 4,
-    "checkpoint_every": 0,
-    "iterations": 1,
-}
+SMALL = {**ALGORITHM_SMALL, "env": FAULTY, "max_turns": 2, "max_new_tokens": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -39,11 +32,6 @@ def faulty_env():
 
 def experiment(tmp_path, **overrides):
     return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
-
-
-def lm_weights(algo) -> dict[str, torch.Tensor]:
-    module = algo.learner_group._learner.module["default_policy"]
-    return {k: v.detach().clone() for k, v in module.lm.state_dict().items()}
 
 
 @pytest.mark.timeout(300)

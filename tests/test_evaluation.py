@@ -8,6 +8,7 @@ import pytest
 
 from empg_rllib.experiment import validate
 from empg_rllib.training import build_algorithm
+from tests.test_algorithm import SMALL
 
 EVAL_EPISODES = 3
 
@@ -18,13 +19,8 @@ def two_iterations(request, ray_cluster, model_path, tmp_path_factory):
     results of all three, and every progress record the driver reported."""
     exp = validate(
         {
+            **SMALL,
             "env": "deepsearch",
-            "tasks_per_batch": 2,
-            "group_size": 2,
-            "max_turns": 3,
-            "max_new_tokens": 12,
-            "micro_batch_size": 4,
-            "checkpoint_every": 0,
             "iterations": 2,
             "num_env_runners": request.param,
             "run_dir": str(tmp_path_factory.mktemp("run")),
