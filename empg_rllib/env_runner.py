@@ -7,11 +7,14 @@ are variable-length token sequences generated in batches, so this runner drives
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
+import ray
+import torch
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.env import INPUT_ENV_SINGLE_SPACES, INPUT_ENV_SPACES
 from ray.rllib.env.env_runner import EnvRunner
@@ -38,26 +41,58 @@ def token_spaces(vocab_size: int, max_context: int, max_new_tokens: int) -> tupl
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
-    """Plays groups of episodes with the current policy; weights arrive through `set_state`."""
+    """Plays groups of episodes with the current policy (`experiment.engine` samples: HF or
+    vLLM). New weights arrive through `load_weights` (the driver's sync after each update) or
+    `set_state` (RLlib's restore of a restarted runner, a resumed run)."""
 
     def __init__(self, *, config: Any, **kwargs: Any) -> None:
         super().__init__(config=config, **kwargs)
-        from empg_rllib.inference.hf import HFEngine
+        from transformers import AutoTokenizer
 
         exp = self.config.experiment
         self.experiment = exp
-        spec = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
-        self.module = spec.build()
-        from transformers import AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_path, local_files_only=True)
-        if exp.engine != "hf":
-            raise NotImplementedError(f"engine {exp.engine!r} is not available yet; use engine: hf")
-        self.engine = HFEngine(self.module.lm, self.tokenizer, seed=exp.seed * 1000 + self.worker_index)
+        self.device = runner_device(self.config.num_gpus_per_env_runner, self.worker_index)
+        # The HF engine samples from the module's own LM. A vLLM engine holds its own copy of
+        # the weights, so the runner keeps a module only to merge LoRA adapters into the base
+        # weights it pushes.
+        self.module = None
+        if exp.engine == "hf" or exp.lora is not None:
+            spec = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
+            self.module = spec.build()
+        self.engine = self._build_engine()
         self._weights_seq_no = 0
         self.prompt_config = exp.prompt_config
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
         self.crashed_episodes_lifetime = 0
+
+    def _build_engine(self) -> Any:
+        exp = self.experiment
+        seed = exp.seed * 1000 + self.worker_index
+        if exp.engine == "hf":
+            from empg_rllib.inference.hf import HFEngine
+
+            return HFEngine(self.module.lm, self.tokenizer, seed=seed, device=self.device)
+        from empg_rllib.inference.vllm import VLLMEngine, cpu_cores_for
+        from empg_rllib.precision import resolve_dtype
+
+        settings = exp.vllm
+        dtype = settings.dtype or exp.dtype
+        return VLLMEngine(
+            self.config.model_path,
+            self.tokenizer,
+            dtype=getattr(torch, dtype) if dtype == "float16" else resolve_dtype(dtype, self.device, "vLLM engine"),
+            seed=seed,
+            kv_cache_gib=settings.kv_cache_gib,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            enforce_eager=settings.enforce_eager,
+            max_num_seqs=settings.max_num_seqs,
+            cpu_cores=cpu_cores_for(self.worker_index, self.config.num_cpus_per_env_runner)
+            if self.device == "cpu"
+            else None,
+        )
 
     # ---- RLlib contract ------------------------------------------------------------------
     def get_spaces(self) -> dict[str, Any]:
@@ -151,6 +186,38 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def get_metrics(self) -> dict[str, Any]:
         return self.metrics.reduce()
 
+    # ---- weights --------------------------------------------------------------------------
+    def load_weights(self, weights: Any, version: int) -> None:
+        """Load the learner's weights (its module state, or an ObjectRef to it) as `version`;
+        returns once the engine samples with them. Version 0 (a restored runner) always loads;
+        otherwise only a newer version does."""
+        if version and version <= self._weights_seq_no:
+            return
+        weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+        weights = weights.get(DEFAULT_MODULE_ID, weights)
+        if self.module is not None:
+            self.module.set_state(weights)
+        if self.experiment.engine == "vllm":
+            # HF checkpoint names: the module's LM (LoRA merged into it), or the state minus
+            # the module's `lm.` prefix.
+            named = (
+                self.module.lm.state_dict()
+                if self.module is not None
+                else {k.removeprefix("lm."): v for k, v in weights.items()}
+            )
+            self.engine.update_weights(named, version, timeout_s=self.experiment.weight_sync_timeout_s)
+        self.engine.weights_version = version
+        self._weights_seq_no = max(self._weights_seq_no, version)
+
+    def engine_is_dead(self, err: BaseException) -> bool:
+        """Whether `err` means this runner's vLLM engine process is gone (the runner must be
+        replaced; a new one starts a new engine)."""
+        if self.experiment.engine != "vllm":
+            return False
+        from empg_rllib.inference.vllm import is_engine_dead
+
+        return is_engine_dead(err)
+
     # ---- state: weights + sampling RNG -----------------------------------------------------
     def get_state(self, components=None, *, not_components=None, **kwargs: Any) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -159,22 +226,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             "engine_rng": self.engine.get_rng_state(),
             "crashed_episodes_lifetime": self.crashed_episodes_lifetime,
         }
-        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+        if self.module is not None and self._check_component(COMPONENT_RL_MODULE, components, not_components):
             state[COMPONENT_RL_MODULE] = self.module.get_state()
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        import ray
-
         if COMPONENT_RL_MODULE in state:
-            seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if seq_no == 0 or seq_no > self._weights_seq_no:
-                weights = state[COMPONENT_RL_MODULE]
-                weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
-                weights = weights.get(DEFAULT_MODULE_ID, weights)
-                self.module.set_state(weights)
-                self.engine.weights_version = seq_no
-            self._weights_seq_no = max(self._weights_seq_no, seq_no)
+            self.load_weights(state[COMPONENT_RL_MODULE], state.get(WEIGHTS_SEQ_NO, 0))
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
         if "engine_rng" in state:
@@ -190,3 +248,19 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             for env in pool:
                 env.close()
         self._idle_envs.clear()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+
+
+def runner_device(gpus: float, worker_index: int) -> str:
+    """"cuda" for a runner given GPUs (resources.env_runner.gpus), else "cpu"; a runner given
+    GPUs that it cannot see stops here, saying so."""
+    if not gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"env runner {worker_index} asks for {gpus:g} GPU(s) (resources.env_runner.gpus) but sees none "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}); "
+            "set resources.env_runner.gpus: 0 on a CPU host"
+        )
+    return "cuda"

@@ -111,6 +111,24 @@ class ActorResources(_Strict):
         return {k: v for k, v in {"CPU": self.cpus, "GPU": self.gpus, **self.custom}.items() if v}
 
 
+class VLLMSettings(_Strict):
+    """The vLLM engine's own settings (`engine: vllm`). The defaults suit both a 2-core CPU box
+    and a one-GPU env runner."""
+
+    # KV-cache size per engine. None: 0.5 GiB on a CPU host; on a GPU, what
+    # gpu_memory_utilization leaves after the weights.
+    kv_cache_gib: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's context length
+    # GPUs one engine shards the model over: resources.env_runner.gpus must equal it.
+    tensor_parallel_size: int = Field(1, ge=1)
+    # None: eager on CPU (compiling takes a minute at start there, for about 20%); CUDA graphs on GPU.
+    enforce_eager: bool | None = None
+    # None: the experiment's `dtype`, with its fallback to float32 where bf16 is not native.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    max_num_seqs: int | None = Field(None, ge=1)  # None: vLLM's default
+
+
 class ResourceSettings(_Strict):
     """Resources of each remote env runner and each remote learner (`num_env_runners` and
     `num_learners` say how many). With a count of 0 that part runs in the driver process,
@@ -129,6 +147,10 @@ class Experiment(_Strict):
     model: str = "tiny:"
     warm_start: Literal["none", "sft"] = "none"  # sft: behaviour-clone the expert before RL
     engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMSettings = VLLMSettings()
+    # A weight sync that has not reached every env runner's engine by then stops the run,
+    # naming the runner.
+    weight_sync_timeout_s: float = Field(600.0, gt=0)
     # bfloat16: bf16 compute with fp32 master weights, where the hardware has native bf16
     # (CUDA, AVX-512 BF16, AMX); float32 with one logged line elsewhere.
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -192,6 +214,8 @@ class Experiment(_Strict):
         if self.clip_high is None:
             self.clip_high = 0.28 if self.loss == "dapo" else 0.2
         _check_deepspeed_block(self.learner_backend, self.deepspeed, self.num_learners)
+        if self.engine == "vllm":
+            _check_vllm_block(self.vllm, self.resources.env_runner.gpus)
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"
         return self
@@ -236,6 +260,29 @@ def _check_deepspeed_block(backend: str, block: dict[str, Any], num_learners: in
         raise ValueError(
             "deepspeed.zero_optimization.stage 3 with one learner loses gradients accumulated over "
             "micro-batches; use stage 2 (offload_optimizer for memory) or num_learners >= 2"
+        )
+
+
+def _check_vllm_block(vllm: VLLMSettings, runner_gpus: float) -> None:
+    tp = vllm.tensor_parallel_size
+    if runner_gpus > 1 and runner_gpus != tp:
+        # A fraction of one GPU (runners sharing it) serves an engine with tp 1.
+        raise ValueError(
+            f"'resources.env_runner.gpus' is {runner_gpus:g} but 'vllm.tensor_parallel_size' is {tp}: "
+            "a vLLM env runner uses exactly its tensor-parallel GPUs"
+        )
+    if tp > 1 and not runner_gpus:
+        raise ValueError(f"'vllm.tensor_parallel_size' {tp} needs GPUs: set 'resources.env_runner.gpus' to {tp}")
+
+
+def check_engine(exp: Experiment) -> None:
+    """`engine: vllm` needs vLLM installed here (the driver validates on a node like the others)."""
+    import importlib.util
+
+    if exp.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "engine: vllm, but vLLM is not installed: pip install -e '.[vllm]' on an x86-64 CPU host "
+            "(`make install` does), or '.[vllm-gpu]' on a GPU host"
         )
 
 
@@ -326,6 +373,7 @@ def validate(data: dict[str, Any]) -> Experiment:
     except ValidationError as err:
         raise ConfigError("; ".join(_describe(e) for e in err.errors())) from None
     check_environment(exp)
+    check_engine(exp)
     return exp
 
 

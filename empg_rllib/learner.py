@@ -259,6 +259,19 @@ class EMPGTorchLearner(TorchLearner):
         """The module's full weights (after `gather_weights`)."""
         return self._rl_module().get_state()
 
+    def publish_weights(self, to_object_store: bool) -> tuple[int, Any] | None:
+        """Rank 0: (weights version, full weights), the weights put into Ray's object store
+        from here when `to_object_store`: the env runners then read them from this node, never
+        through the driver's memory. Other ranks: None. Call after `gather_weights`."""
+        if self.rank != 0:
+            return None
+        weights = self.full_state_dict()
+        if to_object_store:
+            import ray
+
+            weights = ray.put(weights)
+        return self._weights_seq_no, weights
+
     def save_backend_state(self, path: str) -> None:
         """Write what RLlib's checkpoint (learner 0's state) does not hold; every learner calls it
         at once. The torch backend's optimizer state is replicated and in that checkpoint."""

@@ -3,7 +3,7 @@
 Every live conversation that needs its next turn joins the next engine batch, so conversations
 advance independently: one that ends early frees its slot instead of waiting for the slowest.
 Each turn is recorded with the token ids the engine sampled (never re-encoded text), their
-behaviour log-probs and entropies, and the weights version that produced them.
+behaviour log-probs, and the weights version that produced them.
 
 With `constrain_actions`, a turn whose environment lists admissible actions samples one of them
 (constrained decoding): the allowed token ids of each sampled position go into the record so
@@ -35,7 +35,7 @@ class Turn:
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
-    entropies: list[float]
+    entropies: list[float] | None  # the engine's, for inspection (None from vLLM); EMPG uses the learner's
     finish_reason: str
     weights_version: int
     action: str  # what was sent to the environment
@@ -43,11 +43,6 @@ class Turn:
     reward: float = 0.0
     invalid_action: bool = False
     allowed_token_ids: list[list[int]] | None = None  # constrained decoding: per sampled token
-
-    @property
-    def mean_entropy(self) -> float:
-        """EMPG step entropy H_t as the sampler saw it."""
-        return sum(self.entropies) / len(self.entropies) if self.entropies else 0.0
 
 
 @dataclass

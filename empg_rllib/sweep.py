@@ -15,7 +15,6 @@ trial's experiment keys (lr, runner counts, ...) reach RLlib only through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import math
@@ -23,12 +22,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from empg_rllib.environ import environ_set
 from empg_rllib.experiment import ConfigError, Experiment, experiment_path, validate
 from empg_rllib.training import SUMMARY_KEYS
 
@@ -333,20 +333,6 @@ _TUNE_ENV = {
 }
 
 
-@contextlib.contextmanager
-def _tune_env() -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in _TUNE_ENV}
-    os.environ.update(_TUNE_ENV)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _progress_callback(metric: str, iterations: dict[str, int]) -> Any:
     from ray.tune import Callback
 
@@ -399,7 +385,7 @@ def run(sweep: Sweep, resume: bool = False) -> Outcome:
     from ray.tune.schedulers import ASHAScheduler
 
     settings = sweep.settings
-    with _tune_env():
+    with environ_set(_TUNE_ENV):
         if resume:
             tuner = tune.Tuner.restore(str(sweep.dir), trainable=_trainable(), resume_errored=True)
         else:

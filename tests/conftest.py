@@ -15,6 +15,7 @@ _ENV = {
     "VLLM_RPC_BASE_PATH": os.path.join(_ROOT, "vllm-rpc"),
     "VLLM_CACHE_ROOT": os.path.join(_ROOT, "vllm-cache"),
     "VLLM_NO_USAGE_STATS": "1",
+    "EMPG_SHM_DIR": os.path.join(_ROOT, "shm"),
     "DO_NOT_TRACK": "1",
     "TORCH_EXTENSIONS_DIR": os.path.join(_ROOT, "torch-ext"),
     "TORCHINDUCTOR_CACHE_DIR": os.path.join(_ROOT, "inductor"),
@@ -28,7 +29,7 @@ _ENV = {
 }
 for _key, _value in _ENV.items():
     os.environ[_key] = _value
-for _key in ("EMPG_CACHE_DIR", "RAY_TMPDIR", "VLLM_RPC_BASE_PATH"):
+for _key in ("EMPG_CACHE_DIR", "RAY_TMPDIR", "VLLM_RPC_BASE_PATH", "EMPG_SHM_DIR"):
     os.makedirs(os.environ[_key], exist_ok=True)
 os.environ["TMPDIR"] = _ROOT
 

@@ -76,6 +76,10 @@ def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
     assert result["empg_g_mean"] == pytest.approx(1.0, abs=1e-6)
     for key in ("step_entropy_p50", "confident_error_share", "weight_sync_s", "sampler_learner_logp_gap_mean"):
         assert np.isfinite(result[key]), key
+    # Every step belongs to a won or a lost episode: one mean or both, the overall mean between them.
+    by_outcome = [result[k] for k in ("step_entropy_mean_success", "step_entropy_mean_failure") if k in result]
+    assert by_outcome and np.all(np.isfinite(by_outcome))
+    assert min(by_outcome) - 1e-9 <= result["step_entropy_mean"] <= max(by_outcome) + 1e-9
     assert result["learners"]["default_policy"]["kl"] >= 0
 
 

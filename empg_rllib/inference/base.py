@@ -1,7 +1,10 @@
 """The interface every inference engine (HF, vLLM) implements, and the record it returns.
 
 Switching engines changes nothing else: each returns, per sequence, the token ids it sampled, the
-log-prob and the full-vocabulary entropy of each at the sampling temperature, and why it stopped.
+log-prob of each at the sampling temperature, why it stopped and the weights version that sampled
+it. The HF engine also reports each token's full-vocabulary entropy; vLLM does not (it sees only
+top-k log-probs). Neither feeds EMPG: its step entropy comes from the learner's pre-update pass
+over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -34,13 +37,23 @@ class Completion:
 
     token_ids: list[int]
     logprobs: list[float]  # log pi(token) at the sampling temperature
-    entropies: list[float]  # full-vocabulary entropy at each sampled position
+    # Full-vocabulary entropy at each sampled position, for inspection: the HF engine's; None
+    # from vLLM. EMPG's step entropy comes from the learner's pre-update pass, never from here.
+    entropies: list[float] | None
     finish_reason: FinishReason
     text: str = ""
     weights_version: int = 0
     # Constrained decoding: the token ids allowed at each sampled position (None: any token).
     allowed_token_ids: list[list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_request(prompts: Sequence[Sequence[int]], choices: Sequence[Any] | None) -> None:
+    """The checks every engine's `generate` makes before sampling."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if choices is not None and len(choices) != len(prompts):
+        raise ValueError(f"got {len(choices)} choice lists for {len(prompts)} prompts")
 
 
 class InferenceEngine(Protocol):

