@@ -84,7 +84,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             dtype=getattr(torch, dtype) if dtype == "float16" else resolve_dtype(dtype, self.device, "vLLM engine"),
             seed=seed,
             kv_cache_gib=settings.kv_cache_gib,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
+            # Runners sharing one GPU (a fraction each) share its memory too.
+            gpu_memory_utilization=settings.gpu_memory_utilization * min(1.0, self.config.num_gpus_per_env_runner or 1.0),
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,

@@ -118,6 +118,8 @@ class VLLMSettings(_Strict):
     # KV-cache size per engine. None: 0.5 GiB on a CPU host; on a GPU, what
     # gpu_memory_utilization leaves after the weights.
     kv_cache_gib: float | None = Field(None, gt=0)
+    # Of a whole GPU; a runner given a fraction of one (resources.env_runner.gpus < 1) uses that
+    # fraction of it.
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)  # None: the model's context length
     # GPUs one engine shards the model over: resources.env_runner.gpus must equal it.
@@ -265,25 +267,35 @@ def _check_deepspeed_block(backend: str, block: dict[str, Any], num_learners: in
 
 def _check_vllm_block(vllm: VLLMSettings, runner_gpus: float) -> None:
     tp = vllm.tensor_parallel_size
-    if runner_gpus > 1 and runner_gpus != tp:
-        # A fraction of one GPU (runners sharing it) serves an engine with tp 1.
+    if tp > 1 and not runner_gpus:
+        raise ValueError(f"'vllm.tensor_parallel_size' {tp} needs GPUs: set 'resources.env_runner.gpus' to {tp}")
+    # A fraction of one GPU (runners sharing it) serves an engine with tp 1.
+    if (tp > 1 or runner_gpus > 1) and runner_gpus != tp:
         raise ValueError(
             f"'resources.env_runner.gpus' is {runner_gpus:g} but 'vllm.tensor_parallel_size' is {tp}: "
             "a vLLM env runner uses exactly its tensor-parallel GPUs"
         )
-    if tp > 1 and not runner_gpus:
-        raise ValueError(f"'vllm.tensor_parallel_size' {tp} needs GPUs: set 'resources.env_runner.gpus' to {tp}")
 
 
 def check_engine(exp: Experiment) -> None:
     """`engine: vllm` needs vLLM installed here (the driver validates on a node like the others)."""
     import importlib.util
 
-    if exp.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if exp.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "engine: vllm, but vLLM is not installed: pip install -e '.[vllm]' on an x86-64 CPU host "
             "(`make install` does), or '.[vllm-gpu]' on a GPU host"
         )
+    model = Path(exp.model).expanduser()
+    if (model / "config.json").is_file():
+        from empg_rllib.inference.vllm import check_untied
+
+        try:
+            check_untied(model)
+        except ValueError as err:
+            raise ConfigError(f"bad value for 'model' with engine: vllm: {err}") from None
 
 
 #: env_config keys the experiment sets itself, and the experiment key that does.

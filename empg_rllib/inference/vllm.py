@@ -4,8 +4,9 @@ The engine behaves as the HF engine does (`base.InferenceEngine`):
 - prompts go in as token ids, and each completion comes back with its sampled ids;
 - the log-prob of each sampled id is reported at the sampling temperature. This is vLLM's
   `processed_logprobs`, taken after the temperature and after constrained decoding's mask;
-- a seeded stream gives every request its own seed. The same seed and weights give the same
-  completions whatever else is in the batch, and the stream's state goes into checkpoints.
+- a seeded stream gives every request its own seed, and the stream's state goes into checkpoints.
+  On CPU the same seed and weights give the same completions whatever else is in the batch; on
+  GPU, batched kernels may differ in the last bits unless vLLM's batch-invariant mode is on.
 
 vLLM reports no full-vocabulary entropies, so `Completion.entropies` is None here. EMPG's step
 entropy always comes from the learner's pre-update pass.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -85,6 +87,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        check_untied(Path(path))
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
         self.weights_version = 0
@@ -123,16 +126,17 @@ class VLLMEngine:
         bind = {}
         if self.on_cpu and cpu_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             bind = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpu_cores))}
+        others = set(_vllm_children())
         with environ_set(bind):
             self.llm = LLM(**options)
         self.cpu_cores = list(cpu_cores or [])
+        # This engine's processes only: a driver may hold another engine.
+        self._pids = [pid for pid in _vllm_children() if pid not in others]
         self._dead = threading.Event()
         self._closing = threading.Event()
-        threading.Thread(target=self._watch_engine, args=(self.engine_pids(),), daemon=True).start()
-        # The weight file for `update_weights`: in shared memory where the host has it
-        # ($EMPG_SHM_DIR elsewhere, or to keep a test's files in its temp dir).
-        shm = Path(os.environ.get("EMPG_SHM_DIR", "/dev/shm"))
-        self._weights_dir = tempfile.mkdtemp(prefix="empg-weights-", dir=shm if shm.is_dir() else None)
+        threading.Thread(target=self._watch_engine, args=(self._pids,), daemon=True).start()
+        self._checkpoint_names = _checkpoint_names(Path(path))
+        self._weights_dir = _weights_dir()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "VLLMEngine":
@@ -208,20 +212,23 @@ class VLLMEngine:
     def update_weights(
         self, state_dict: Mapping[str, Any], version: int | None = None, timeout_s: float | None = None
     ) -> None:
-        """Load checkpoint-named weights (HF names) in place; returns once they are served."""
+        """Load checkpoint-named weights (HF names) in place; returns once they are served. The
+        names must be those of the model directory's checkpoint; a tensor that only aliases
+        another (a head tied to the embeddings) is left out, as the checkpoint leaves it out."""
         import safetensors.torch
 
         self._check_alive()
-        path = os.path.join(self._weights_dir, "weights.safetensors")
-        tensors = {name: torch.as_tensor(value).detach().contiguous() for name, value in state_dict.items()}
-        safetensors.torch.save_file(tensors, path)
+        tensors = _checkpoint_tensors(state_dict, self._checkpoint_names)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        directory = self._weights_dir if shutil.disk_usage(self._weights_dir).free > 1.1 * size else tempfile.gettempdir()
+        path = os.path.join(directory, f"empg-weights-{os.getpid()}.safetensors")
         try:
-            loaded = self.llm.collective_rpc("load_safetensors", args=(path,), timeout=timeout_s)
+            safetensors.torch.save_file(tensors, path)
+            del tensors
+            self.llm.collective_rpc("load_safetensors", args=(path,), timeout=timeout_s)
         finally:
             with contextlib.suppress(OSError):
                 os.remove(path)
-        if any(n != len(tensors) for n in loaded):
-            raise RuntimeError(f"vLLM loaded {loaded} of {len(tensors)} weight tensors")
         self.llm.reset_prefix_cache()
         self.weights_version = self.weights_version + 1 if version is None else version
 
@@ -238,9 +245,14 @@ class VLLMEngine:
         while not self._closing.wait(interval_s):
             if any(not _alive(p) for p in processes):
                 self._dead.set()
-                queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+                client = self.llm.llm_engine.engine_core
+                queue = getattr(client, "outputs_queue", None)
                 if queue is not None:
                     queue.put_nowait(EngineDeadError())
+                # A pending collective_rpc (a weight load) waits on its future, also forever.
+                for future in list(getattr(client, "utility_results", {}).values()):
+                    if not future.done():
+                        future.set_exception(EngineDeadError())
                 return
 
     def _check_alive(self) -> None:
@@ -250,21 +262,15 @@ class VLLMEngine:
             raise EngineDeadError()
 
     def engine_pids(self) -> list[int]:
-        """Process ids of vLLM's engine-core and worker processes (children of this process)."""
-        import psutil
-
-        return [
-            p.pid
-            for p in psutil.Process().children(recursive=True)
-            if p.name().startswith(("VLLM::", "EngineCore"))
-        ]
+        """Process ids of this engine's engine-core and worker processes."""
+        return list(self._pids)
 
     def close(self) -> None:
         self._closing.set()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._weights_dir)
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
-        with contextlib.suppress(OSError):
-            os.rmdir(self._weights_dir)
 
 
 def _walk_choices(trie: ChoiceTrie, ids: list[int]) -> tuple[list[int], list[list[int]], bool]:
@@ -279,6 +285,68 @@ def _walk_choices(trie: ChoiceTrie, ids: list[int]) -> tuple[list[int], list[lis
         if ChoiceTrie.ends(node):
             return ids[: n + 1], allowed_lists, True
     return ids, allowed_lists, False
+
+
+def check_untied(path: Path) -> None:
+    """vLLM 0.32's in-place reload leaves an LM head tied to the embeddings stale (measured: a
+    log-prob gap of 1.9 nats after a sync), so a tied checkpoint is refused before it is served."""
+    config = json.loads((path / "config.json").read_text())
+    if config.get("tie_word_embeddings", False):
+        raise ValueError(
+            f"{path}: the model ties its LM head to its embeddings (tie_word_embeddings: true, as Qwen2.5 up "
+            "to 3B does), and vLLM 0.32 cannot update such a head in place. Use engine: hf, or save an untied "
+            "copy: load it with transformers, set config.tie_word_embeddings = False, give lm_head.weight its own "
+            "copy of the embeddings (torch.nn.Parameter(embed.weight.clone())), and save_pretrained"
+        )
+
+
+def _vllm_children() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.name().startswith(("VLLM::", "EngineCore"))]
+
+
+def _checkpoint_names(path: Path) -> set[str]:
+    """The tensor names of a model directory's safetensors checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def _checkpoint_tensors(state_dict: Mapping[str, Any], names: set[str]) -> dict[str, torch.Tensor]:
+    """`state_dict` as the checkpoint names its tensors, or ValueError naming the mismatch: vLLM
+    itself only logs a warning for a weight it did not load, and would serve it stale."""
+    tensors = {name: torch.as_tensor(value).detach() for name, value in state_dict.items()}
+    kept = {name: t.contiguous() for name, t in tensors.items() if not names or name in names}
+    storages = {t.untyped_storage().data_ptr() for name, t in tensors.items() if name in kept}
+    # A tied head shares the embeddings' storage and is not in the checkpoint.
+    unexpected = sorted(n for n, t in tensors.items() if n not in kept and t.untyped_storage().data_ptr() not in storages)
+    missing = sorted(names - set(kept))
+    if unexpected or missing:
+        raise ValueError(
+            f"weights do not match the engine's checkpoint: missing {missing[:3]} ({len(missing)}), "
+            f"unexpected {unexpected[:3]} ({len(unexpected)})"
+        )
+    return kept
+
+
+def _weights_dir() -> str:
+    """A directory for the weight file, in shared memory where the host has it ($EMPG_SHM_DIR
+    elsewhere, or to keep a test's files in its temp dir). Directories left by processes that
+    were killed mid-sync are removed: their files would hold RAM until the next reboot."""
+    import psutil
+
+    base = Path(os.environ.get("EMPG_SHM_DIR", "/dev/shm"))
+    base = base if base.is_dir() else Path(tempfile.gettempdir())
+    for stale in base.glob("empg-weights-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"empg-weights-{os.getpid()}-", dir=base)
 
 
 def _alive(process: Any) -> bool:

@@ -67,11 +67,15 @@ class WeightLoader:
     """vLLM worker extension: `collective_rpc("load_safetensors", args=(path,))` loads a
     safetensors file of checkpoint-named weights in place, one call for the whole model."""
 
-    def load_safetensors(self, path: str) -> int:
-        import safetensors.torch
+    def load_safetensors(self, path: str) -> None:
+        from safetensors import safe_open
 
-        weights = safetensors.torch.load_file(path)
+        def tensors():
+            # One tensor at a time from the (memory-mapped) file, not a second full copy.
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
         # In checkpoint format: the CPU backend repacks Linear weights after loading, and
         # reload_weights runs that processing again.
-        self.reload_weights(weights_iterator=list(weights.items()), is_checkpoint_format=True)
-        return len(weights)
+        self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
