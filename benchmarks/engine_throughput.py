@@ -84,14 +84,15 @@ class Recording:
         self.engine, self.calls = engine, []
         self.weights_version = 0
 
-    def generate(self, prompts, params, choices=None):
-        self.calls.append((list(prompts), params, choices))
-        return self.engine.generate(prompts, params, choices)
+    def generate(self, prompts, params, choices=None, seeds=None):
+        self.calls.append((list(prompts), params, choices, seeds))
+        return self.engine.generate(prompts, params, choices, seeds=seeds)
 
 
-def runner_overhead(engine: Any, tokenizer: Any, episodes: int, repeats: int) -> dict[str, Any]:
-    """ALFWorld turns through `run_episodes` (prompts, parsing, env steps) vs the engine alone
-    generating the same batches of the same prompts."""
+def runner_overhead(engine: Any, tokenizer: Any, episodes: int, repeats: int, env_workers: int) -> dict[str, Any]:
+    """ALFWorld turns through `run_episodes` (prompts, parsing, env steps on `env_workers`
+    threads, or in lock-step for 0) vs the engine alone generating the same batches of the same
+    prompts."""
     import envs
     from empg_rllib.inference.base import SamplingParams
     from empg_rllib.rollout import EpisodeRequest, RolloutStats, run_episodes
@@ -104,16 +105,17 @@ def runner_overhead(engine: Any, tokenizer: Any, episodes: int, repeats: int) ->
         start = time.perf_counter()
         run_episodes(
             recorder, tokenizer, lambda: envs.make("alfworld", split="train", max_turns=10), requests, params,
-            max_concurrent=episodes, stats=stats,
+            max_concurrent=episodes, stats=stats, env_workers=env_workers,
         )
         full.append(time.perf_counter() - start)
         start = time.perf_counter()
-        for prompts, call_params, choices in recorder.calls:
-            engine.generate(prompts, call_params, choices)
+        for prompts, call_params, choices, seeds in recorder.calls:
+            engine.generate(prompts, call_params, choices, seeds=seeds)
         alone.append(time.perf_counter() - start)
     ratio = statistics.median(f / a for f, a in zip(full, alone))
     return {
         "episodes": episodes,
+        "env_workers": env_workers,
         "env_steps_last_run": stats.env_steps,
         "turn_loop_s": full,
         "engine_alone_s": alone,
@@ -192,8 +194,14 @@ def main() -> None:
                 syncs.append({"model": size, "mib": mib, "seconds_runs": times, "seconds_median": statistics.median(times)})
                 print(f"{size} weight sync to vLLM ({mib:.1f} MiB): median {statistics.median(times):.3f} s")
                 if size == args.sizes[0]:
-                    overhead = runner_overhead(engine, tokenizer, args.episodes, args.repeats)
-                    print(f"{size} ALFWorld turn loop vs engine alone: overhead {100 * overhead['overhead_median']:.1f}%")
+                    for workers in (0, 4):
+                        overhead[f"env_workers_{workers}"] = found = runner_overhead(
+                            engine, tokenizer, args.episodes, args.repeats, workers
+                        )
+                        print(
+                            f"{size} ALFWorld turn loop (env_workers={workers}) vs engine alone: "
+                            f"overhead {100 * found['overhead_median']:.1f}%"
+                        )
                 engine.close()
             del engine
             gc.collect()

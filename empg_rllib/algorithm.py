@@ -1,9 +1,14 @@
-"""EMPGConfig and EMPG: a synchronous RLlib Algorithm for GRPO/DAPO with optional EMPG.
+"""EMPGConfig and EMPG: an RLlib Algorithm for GRPO/DAPO with optional EMPG.
 
 One iteration: sample whole groups (same task, `group_size` rollouts) across env runners ->
 group advantages from outcomes -> learner pre-update pass for the generating policy's token
 entropies -> `empg_modulate` over ALL steps of the batch -> learner update -> weight sync.
 GRPO and DAPO are this algorithm with `empg.enabled: false`.
+
+With `async.enabled` the runners keep sampling while the learner updates (async_sampling.py):
+the batch is the next `tasks_per_batch` groups in draw order whose policy lag is within
+`max_policy_lag`, the loss is decoupled PPO with a truncated importance weight, and new weights
+are posted for the runners to load between turns instead of a blocking sync.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
 
 from empg_rllib.advantages import step_entropy
+from empg_rllib.async_sampling import AsyncSampler
 from empg_rllib.batch import build_turn_batch, drop_uninformative_groups, episode_advantages, token_advantages
 from empg_rllib.env_runner import LLMEnvRunner, token_spaces
 from empg_rllib.experiment import Experiment
 from empg_rllib.learner import EMPGTorchLearner
+from empg_rllib.losses import truncated_importance_weight
 from empg_rllib.progress import SamplingHook, SamplingProgress
 from empg_rllib.rl_module import LLMRLModule
 from empg_rllib.rollout import EnvFailure, Episode, EpisodeRequest, whole_groups
@@ -73,6 +80,8 @@ class EMPGConfig(AlgorithmConfig):
             num_cpus_per_env_runner=runner.cpus,
             num_gpus_per_env_runner=runner.gpus,
             custom_resources_per_env_runner=dict(runner.custom),
+            # Asynchronous sampling keeps a second call queued on each runner.
+            max_requests_in_flight_per_env_runner=2 if exp.async_.enabled else 1,
         )
         self.learners(
             num_learners=exp.num_learners,
@@ -133,6 +142,10 @@ class EMPG(Algorithm):
         self._pad_id = int(pad if pad is not None else model.get("eos_token_id", 0))
         # A live display's hook (the CLI sets one); the algorithm itself never prints.
         self.on_sampling: SamplingHook = lambda progress: None
+        self._policy_version = 0  # the learner's weights version (updates so far)
+        self._async_groups_drawn = 0
+        self._async = AsyncSampler(exp.async_.groups_per_call) if exp.async_.enabled else None
+        self._last_batch_at = time.perf_counter()
 
     # ---- sampling --------------------------------------------------------------------------
     def _draw_groups(self) -> list[EpisodeRequest]:
@@ -143,6 +156,48 @@ class EMPG(Algorithm):
             group = f"{self.iteration}-{task}"
             requests.extend(EpisodeRequest(seed=seed, group=group) for _ in range(exp.group_size))
         return requests
+
+    def _draw_async_group(self) -> tuple[str, list[EpisodeRequest]]:
+        seed = int(self._task_rng.integers(0, 2**31))
+        group = f"a{self._async_groups_drawn}"
+        self._async_groups_drawn += 1
+        return group, [EpisodeRequest(seed=seed, group=group) for _ in range(self.config.experiment.group_size)]
+
+    def _sample_async(self) -> list[Episode]:
+        """The next batch of groups from the runners sampling in the background (see
+        async_sampling.py); logs policy lag, drops, and learner and runner idle fractions."""
+        exp = self.config.experiment
+        started = time.perf_counter()
+        found = self._async.next_batch(
+            self.env_runner_group,
+            self._draw_async_group,
+            exp.tasks_per_batch,
+            self._policy_version,
+            exp.async_.max_policy_lag,
+            lambda: self.restore_env_runners(self.env_runner_group),
+        )
+        waited = time.perf_counter() - started
+        since_last = max(time.perf_counter() - self._last_batch_at, 1e-9)
+        self._last_batch_at = time.perf_counter()
+        m = self.metrics
+        if self._async.metrics:
+            m.aggregate(self._async.metrics, key=ENV_RUNNER_RESULTS)
+            self._async.metrics.clear()
+        runners = max(self.env_runner_group.num_healthy_remote_workers(), 1)
+        m.log_value("runner_idle_fraction", max(0.0, 1 - self._async.runner_busy_s / (runners * since_last)), window=1)
+        self._async.runner_busy_s = 0.0
+        # The learner waits for groups while the driver is here; it works for the rest.
+        m.log_value("learner_idle_fraction", waited / since_last, window=1)
+        m.log_value("policy_lag_mean", float(np.mean(found.lags)), window=1)
+        m.log_value("policy_lag_max", max(found.lags), window=1)
+        for key, count in (("num_stale_groups_dropped", found.dropped_stale),
+                           ("num_crashed_groups_dropped", found.dropped_incomplete)):
+            m.log_value((ENV_RUNNER_RESULTS, key), count, reduce="sum")
+            m.log_value((ENV_RUNNER_RESULTS, f"{key}_lifetime"), count, reduce="lifetime_sum")
+        if found.dropped_stale:
+            logger.warning("iteration %d: dropped %d groups older than max_policy_lag=%d",
+                           self.iteration + 1, found.dropped_stale, exp.async_.max_policy_lag)
+        return found.episodes
 
     def sample_episodes(
         self,
@@ -240,17 +295,20 @@ class EMPG(Algorithm):
         longer iterations.
         """
         exp = self.config.experiment
-        requests = self._draw_groups()
-        episodes, crashed_groups = whole_groups(requests, self.sample_episodes(requests))
-        self.metrics.log_value((ENV_RUNNER_RESULTS, "num_crashed_groups_dropped"), len(crashed_groups), reduce="sum")
-        self.metrics.log_value(
-            (ENV_RUNNER_RESULTS, "num_crashed_groups_dropped_lifetime"), len(crashed_groups), reduce="lifetime_sum"
-        )
-        if crashed_groups:
-            logger.warning(
-                "iteration %d: dropped %d of %d groups whose environment crashed on every retry",
-                self.iteration + 1, len(crashed_groups), exp.tasks_per_batch,
+        if self._async is not None:
+            episodes = self._sample_async()
+        else:
+            requests = self._draw_groups()
+            episodes, crashed_groups = whole_groups(requests, self.sample_episodes(requests))
+            self.metrics.log_value((ENV_RUNNER_RESULTS, "num_crashed_groups_dropped"), len(crashed_groups), reduce="sum")
+            self.metrics.log_value(
+                (ENV_RUNNER_RESULTS, "num_crashed_groups_dropped_lifetime"), len(crashed_groups), reduce="lifetime_sum"
             )
+            if crashed_groups:
+                logger.warning(
+                    "iteration %d: dropped %d of %d groups whose environment crashed on every retry",
+                    self.iteration + 1, len(crashed_groups), exp.tasks_per_batch,
+                )
         if exp.loss == "dapo":
             episodes, dropped = drop_uninformative_groups(episodes)
             self.metrics.log_value("dropped_groups", dropped, window=1)
@@ -286,12 +344,30 @@ class EMPG(Algorithm):
             train["allowed_ids"] = batch.allowed_ids
         if "ref_logp" in scores:
             train["ref_logp"] = scores["ref_logp"].astype(np.float32)
+        if self._async is not None:
+            train["is_weight"] = self._importance_weights(scores["token_logp"], batch)
         self.metrics.aggregate(self.update_learners(train), key=LEARNER_RESULTS)
 
         started = time.perf_counter()
-        self.sync_runner_weights()
+        if self._async is not None:
+            self.post_runner_weights()
+        else:
+            self.sync_runner_weights()
         self.metrics.log_value("weight_sync_s", time.perf_counter() - started, window=1)
         self._evaluate_if_due()
+
+    def _importance_weights(self, proximal_logp: np.ndarray, batch) -> np.ndarray:
+        """Decoupled PPO's behaviour weight per token, min(pi_prox / pi_behav, cap); logs its
+        statistics over the sampled tokens."""
+        cap = self.config.experiment.async_.is_weight_cap
+        weight = truncated_importance_weight(proximal_logp, batch.sampler_logp, batch.resp_mask, cap)
+        mask = batch.resp_mask > 0
+        raw = np.exp(np.where(mask, proximal_logp - batch.sampler_logp, 0.0))[mask]
+        if raw.size:
+            self.metrics.log_value("is_weight_mean", float(weight[mask].mean()), window=1)
+            self.metrics.log_value("is_weight_max_untruncated", float(raw.max()), window=1)
+            self.metrics.log_value("is_weight_truncated_fraction", float((raw > cap).mean()), window=1)
+        return weight
 
     def _evaluate_if_due(self) -> None:
         """Every `evaluation.interval` iterations, whether or not this one updated the policy:
@@ -337,6 +413,21 @@ class EMPG(Algorithm):
         )
         return self._on_every_learner(lambda learner, data: learner.update_from_plan(data, plan.shard(learner.rank)), train)
 
+    def _publish_weights(self, to_object_store: bool) -> tuple[int, Any]:
+        """Gather the learners' weights and have learner 0 publish them: (version, weights or
+        their ObjectRef)."""
+        self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
+        published = self.learner_group.foreach_learner(lambda learner: learner.publish_weights(to_object_store))
+        version, weights = next(v for v in (r.get() for r in published.result_or_errors) if v is not None)
+        self._policy_version = version
+        return version, weights
+
+    def post_runner_weights(self) -> None:
+        """Asynchronous sampling: post the new weights for the runners, which load them before
+        their next engine batch; nothing waits for them."""
+        version, ref = self._publish_weights(to_object_store=True)
+        self._async.post_weights(version, ref)
+
     def sync_runner_weights(self) -> None:
         """Learner weights -> every env runner's engine; returns once every engine serves them,
         so that `weight_sync_s` times the whole sync (RLlib's own sync only enqueues it).
@@ -349,10 +440,7 @@ class EMPG(Algorithm):
         it and loads the learner's current weights into it.
         """
         group = self.env_runner_group
-        self.learner_group.foreach_learner(lambda learner: learner.gather_weights())
-        to_store = group.num_remote_env_runners() > 0
-        published = self.learner_group.foreach_learner(lambda learner: learner.publish_weights(to_store))
-        version, weights = next(v for v in (r.get() for r in published.result_or_errors) if v is not None)
+        version, weights = self._publish_weights(to_object_store=group.num_remote_env_runners() > 0)
         if group.num_remote_env_runners() == 0:
             self.env_runner.load_weights(weights, version)
             return
@@ -442,9 +530,24 @@ class EMPG(Algorithm):
     def get_state(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().get_state(*args, **kwargs)
         state["task_rng"] = self._task_rng.bit_generator.state
+        state["policy_version"] = self._policy_version
+        if self._async is not None:
+            # The training frontier: groups drawn and not trained yet (buffered, or still being
+            # played) are sampled again first after a resume, so none is lost or repeated.
+            state["async_groups_drawn"] = self._async_groups_drawn
+            state["async_untrained"] = [
+                (group, [(r.seed, r.task) for r in requests]) for group, requests in self._async.queue.untrained()
+            ]
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         if "task_rng" in state:
             self._task_rng.bit_generator.state = state["task_rng"]
+        self._policy_version = state.get("policy_version", self._policy_version)
+        if self._async is not None and "async_untrained" in state:
+            self._async_groups_drawn = state["async_groups_drawn"]
+            self._async.requeue([
+                (group, [EpisodeRequest(seed=seed, task=task, group=group) for seed, task in requests])
+                for group, requests in state["async_untrained"]
+            ])

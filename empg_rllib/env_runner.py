@@ -65,6 +65,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.prompt_config = exp.prompt_config
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
         self.crashed_episodes_lifetime = 0
+        self._weights_board: Any = None
 
     def _build_engine(self) -> Any:
         exp = self.experiment
@@ -116,6 +117,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         temperature: float | None = None,
         evaluation: bool = False,
         on_turn: Callable[[RolloutStats], None] | None = None,
+        weights_board: Any = None,
         explore: bool = True,
         **kwargs: Any,
     ) -> list[Episode]:
@@ -124,7 +126,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         `evaluation`: the episodes stay out of this runner's metrics and lifetime env steps,
         which describe training alone (the driver reports evaluation under `evaluation/`).
         `on_turn`: see `run_episodes` (a runner in the driver's process reports live progress).
+        `weights_board`: asynchronous sampling's `WeightsBoard`; from then on the runner loads
+        the newest weights posted there before every engine batch.
         """
+        if weights_board is not None:
+            self._weights_board = weights_board
         if requests is None:
             rng = np.random.default_rng([self.experiment.seed, self.worker_index, self.num_env_steps_sampled_lifetime])
             requests = [EpisodeRequest(seed=int(s)) for s in rng.integers(0, 2**31, num_episodes or 1)]
@@ -149,6 +155,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             crash_retries=self.experiment.env_crash_retries,
             env_id=self.experiment.env,
             on_turn=on_turn,
+            env_workers=self.experiment.env_workers,
+            seed=self.experiment.seed,
+            before_batch=self._pull_weights if self._weights_board is not None else None,
         )
         if not evaluation:
             self._log_sample_metrics(episodes, stats)
@@ -209,6 +218,12 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self.engine.update_weights(named, version, timeout_s=self.experiment.weight_sync_timeout_s)
         self.engine.weights_version = version
         self._weights_seq_no = max(self._weights_seq_no, version)
+
+    def _pull_weights(self) -> None:
+        """Load the board's weights if they are newer than the engine's (between turns)."""
+        version, weights = ray.get(self._weights_board.latest.remote(self._weights_seq_no))
+        if weights is not None:
+            self.load_weights(weights[0], version)
 
     def engine_is_dead(self, err: BaseException) -> bool:
         """Whether `err` means this runner's vLLM engine process is gone (the runner must be

@@ -85,6 +85,25 @@ class LoRASettings(_Strict):
         return self
 
 
+class AsyncSettings(_Strict):
+    """Asynchronous actor-learner (`async:` in YAML): env runners keep sampling groups while the
+    learner updates, and new weights reach them between turns.
+
+    A group whose oldest turn was sampled more than `max_policy_lag` weight versions before the
+    update that would train on it is dropped and counted. The loss is decoupled PPO: the ratio
+    is clipped against the learner's pre-update pass, and each token is weighted by the
+    importance weight of that pass against the behaviour policy that sampled it, truncated at
+    `is_weight_cap`.
+    """
+
+    enabled: bool = False
+    max_policy_lag: int = Field(1, ge=0)
+    is_weight_cap: float = Field(2.0, ge=1.0)
+    # Groups per sampling call sent to a runner; each runner holds two calls, so that it starts
+    # the next as soon as one ends.
+    groups_per_call: int = Field(1, ge=1)
+
+
 #: Resource names Ray reserves for itself: `cpus` and `gpus` set the first two, and the
 #: others are not requested per actor.
 _RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -143,6 +162,11 @@ class ResourceSettings(_Strict):
 class Experiment(_Strict):
     """Everything an EMPG experiment sets."""
 
+    # `async` is a Python keyword: the field is `async_`, the YAML key `async`.
+    model_config = ConfigDict(
+        extra="forbid", strict=False, validate_assignment=True, validate_by_name=True, serialize_by_alias=True
+    )
+
     name: str = "empg"
     seed: int = 0
     # model and engine
@@ -175,6 +199,12 @@ class Experiment(_Strict):
     constrain_actions: bool = False
     list_admissible_actions: bool = True  # show the admissible actions in the prompt
     max_concurrent_episodes: int = Field(32, ge=1)
+    # Threads per env runner that make, reset and step environments while the engine generates
+    # for the conversations that are ready (each turn then has its own sampling seed, so that
+    # timing never changes what is sampled). 0: lock-step, environments step one after another
+    # between engine batches.
+    env_workers: int = Field(4, ge=0)
+    async_: AsyncSettings = Field(AsyncSettings(), alias="async")
     # algorithm
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     loss: Literal["grpo", "dapo"] = "grpo"
@@ -218,6 +248,10 @@ class Experiment(_Strict):
         _check_deepspeed_block(self.learner_backend, self.deepspeed, self.num_learners)
         if self.engine == "vllm":
             _check_vllm_block(self.vllm, self.resources.env_runner.gpus)
+        if self.async_.enabled and self.num_env_runners == 0:
+            raise ValueError(
+                "async.enabled samples on remote env runners while the learner updates; set num_env_runners >= 1"
+            )
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"
         return self

@@ -33,7 +33,7 @@ from empg_rllib.update_plan import loss_normalizer
 #: Batch columns, all [rows, tokens] and aligned with input_ids[:, 1:] (position p predicts
 #: token p + 1), except `allowed_ids` ([rows, R, K], constrained decoding: the allowed token ids
 #: of the last R positions, -1 padded), present only when some turn was constrained.
-COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp", "allowed_ids")
+COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", "ref_logp", "allowed_ids", "is_weight")
 
 #: Per-step sums every rank contributes to; the minibatch's statistics are ratios of them.
 _STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens")
@@ -205,6 +205,7 @@ class EMPGTorchLearner(TorchLearner):
             aggregation=exp.aggregation,
             ref_logp=batch.get("ref_logp") if exp.kl_coef > 0 else None,
             kl_coef=exp.kl_coef,
+            behaviour_weight=batch.get("is_weight"),
         )
 
     def _log_step(self, totals: dict[str, float], skipped: bool) -> None:

@@ -1,5 +1,6 @@
 """Token-level policy-gradient losses: clipped surrogate (GRPO / DAPO clip-higher), k3 KL,
-aggregation modes, and full-vocabulary token entropy.
+aggregation modes, the truncated importance weight of decoupled PPO, and full-vocabulary token
+entropy.
 
 All tensors are [batch, tokens] with a 0/1 (or bool) `mask` marking the generated tokens that
 count; masked positions never contribute, even when they hold NaN or inf.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
@@ -108,6 +110,15 @@ def clipped_surrogate(
     return loss, was_clipped
 
 
+def truncated_importance_weight(
+    proximal_logp: np.ndarray, behaviour_logp: np.ndarray, mask: np.ndarray, cap: float
+) -> np.ndarray:
+    """min(pi_prox / pi_behav, cap) per token (1 where masked): the behaviour weight of decoupled
+    PPO, truncated so that one stale, unlikely token cannot dominate the update."""
+    log_w = np.where(mask > 0, proximal_logp - behaviour_logp, 0.0)
+    return np.exp(np.minimum(log_w, np.log(cap))).astype(np.float32)
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
     delta = ref_logp - logp
@@ -125,8 +136,14 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     normalizer: float | None = None,
+    behaviour_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (+ kl_coef * k3 KL to a reference) aggregated over unmasked tokens.
+
+    Decoupled PPO (asynchronous sampling): `old_logp` is the learner's pre-update pass (the
+    proximal policy the ratio is clipped against) and `behaviour_weight` the truncated
+    importance weight min(exp(old_logp - behaviour_logp), cap) of each token, which multiplies
+    its surrogate: the samples came from an older policy than the one being clipped against.
 
     Returns the scalar loss and detached statistics that add up over micro-batches and learner
     shards of one minibatch (given the minibatch's `normalizer`): `policy_loss` (this part's
@@ -134,6 +151,8 @@ def policy_loss(
     unmasked tokens, from which the minibatch's clip fraction, mean ratio and KL follow.
     """
     surrogate, was_clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    if behaviour_weight is not None:
+        surrogate = surrogate * behaviour_weight
     per_token = surrogate
     fmask = mask.float()
     stats: dict[str, torch.Tensor] = {}

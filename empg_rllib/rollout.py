@@ -2,6 +2,13 @@
 
 Every live conversation that needs its next turn joins the next engine batch, so conversations
 advance independently: one that ends early frees its slot instead of waiting for the slowest.
+With `env_workers`, environments are made, reset and stepped on that many threads while the
+engine generates for the conversations whose observations are ready: a slow environment step
+(a tool call, a remote service, a JVM) never holds up generation for the others. Each turn then
+samples with its own seed, drawn from the request and the turn's number, so that what it samples
+does not depend on which other conversations shared its batch (a matter of timing). Without
+workers, the environments step one after another between engine batches (lock-step), the
+engine's own stream seeds the samples and episodes come back in completion order.
 Each turn is recorded with the token ids the engine sampled (never re-encoded text), their
 behaviour log-probs, and the weights version that produced them.
 
@@ -14,12 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+import zlib
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
+import numpy as np
 
 from envs import EnvCrashed
 from empg_rllib.inference.base import InferenceEngine, SamplingParams
@@ -87,8 +98,9 @@ class RolloutStats:
     env_crashes: int = 0  # EnvCrashed raised; every attempt counts
     crash_retries: int = 0  # episodes started again on a fresh environment after a crash
     crashed_episodes: int = 0  # episodes given up: their environment crashed on every attempt
+    engine_batches: int = 0
     engine_seconds: float = 0.0
-    env_seconds: float = 0.0
+    env_seconds: float = 0.0  # summed over environments, which may step at the same time
     wall_seconds: float = 0.0
 
 
@@ -109,16 +121,47 @@ def whole_groups(
 
 
 class _Conversation:
-    def __init__(self, env: gym.Env, request: EpisodeRequest, slot: int) -> None:
+    def __init__(self, env: gym.Env, request: EpisodeRequest, slot: int, attempt: int) -> None:
         self.env = env
         self.request = request
         self.slot = slot  # which of the requests: equal requests (one group's copies) differ here
+        self.attempt = attempt  # 0, or the how-manieth retry after a crash
         obs, info = env.reset(seed=request.seed, options={"task": request.task} if request.task is not None else None)
         self.observation = obs
         self.info = info
         self.instruction = info["instruction"]
         self.history: list[HistoryTurn] = []
         self.episode = Episode(task_id=info["task_id"], task_type=info["task_type"], seed=request.seed, group=request.group)
+        self.sampled: tuple[list[int], Any, Any, str] | None = None  # the turn whose step is under way
+
+
+@dataclass
+class _Outcome:
+    """What an environment job (make + reset, or step) gave back to the sampling loop."""
+
+    conv: _Conversation | None = None
+    env: gym.Env | None = None
+    step: tuple | None = None
+    error: Exception | None = None
+    where: str = ""
+    seconds: float = 0.0
+
+
+class _Inline(Executor):
+    """Runs each job at once in the calling thread: lock-step sampling."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def turn_seed(seed: int, request: EpisodeRequest, member: int, attempt: int, turn: int) -> int:
+    """The sampling seed of one turn: a function of the run's seed, the request (its task
+    seed, its group and which member of the group it is), the attempt and the turn number."""
+    group = zlib.crc32(str(request.group).encode())
+    entropy = [seed, request.seed, group, member, attempt, turn]
+    return int(np.random.SeedSequence([abs(int(x)) for x in entropy]).generate_state(1)[0] >> 1)
 
 
 def run_episodes(
@@ -135,11 +178,18 @@ def run_episodes(
     crash_retries: int = 2,
     env_id: str | None = None,
     on_turn: Callable[[RolloutStats], None] | None = None,
+    env_workers: int = 0,
+    seed: int = 0,
+    before_batch: Callable[[], None] | None = None,
 ) -> list[Episode]:
-    """Play every request to the end; returns finished episodes in completion order.
+    """Play every request to the end; returns the finished episodes.
 
     `constrain_actions`: sample only admissible actions where the environment lists them.
     `on_turn`: called with the running `stats` after every engine batch (a live progress view).
+    `env_workers`: threads that make, reset and step environments while the engine generates
+    (episodes come back in request order, each turn seeded by `turn_seed` from `seed`); 0 steps
+    them in lock-step between engine batches (episodes in completion order, the engine's stream).
+    `before_batch`: called before every engine batch (asynchronous sampling loads new weights).
 
     An environment that raises `EnvCrashed` (its engine died) is closed and the episode is
     played again from its first turn on a fresh environment, up to `crash_retries` times; after
@@ -152,6 +202,8 @@ def run_episodes(
     prompt_config = prompt_config or PromptConfig()
     if constrain_actions and prompt_config.think:
         raise ValueError("constrain_actions samples the action alone; it needs think=False")
+    if env_workers < 0:
+        raise ValueError(f"env_workers must be >= 0, got {env_workers}")
     encoded: dict[str, list[int]] = {}
 
     def choices_of(conv: _Conversation) -> list[list[int]] | None:
@@ -162,10 +214,38 @@ def run_episodes(
     started = time.perf_counter()
     pending = list(enumerate(requests))[::-1]
     crashes = [0] * len(pending)  # per request slot
+    seen: Counter = Counter()
+    member = [0] * len(pending)  # which copy of its (seed, group) each request is
+    for slot, request in enumerate(requests):
+        member[slot] = seen[(request.seed, str(request.group))]
+        seen[(request.seed, str(request.group))] += 1
     idle_envs: list[gym.Env] = []
-    live: list[_Conversation] = []
-    finished: list[Episode] = []
+    ready: list[_Conversation] = []  # waiting for the engine
+    # Environment jobs under way: a step (its conversation) or a start (its slot and request).
+    busy: dict[Future, _Conversation | tuple[int, EpisodeRequest]] = {}
+    finished: list[tuple[int, Episode]] = []
     label = f"env {env_id!r}" if env_id else "the environment"
+    jobs: Executor = ThreadPoolExecutor(env_workers, thread_name_prefix="env") if env_workers else _Inline()
+    make_lock = threading.Lock()  # `make_env` may hand out pooled environments
+
+    def start(env: gym.Env | None, request: EpisodeRequest, slot: int, attempt: int) -> _Outcome:
+        where = "when made"
+        try:
+            if env is None:
+                with make_lock:
+                    env = make_env()
+            where = "at reset"
+            return _Outcome(conv=_Conversation(env, request, slot, attempt), env=env)
+        except Exception as err:
+            return _Outcome(env=env, error=err, where=where)
+
+    def step(conv: _Conversation, action: str) -> _Outcome:
+        t0 = time.perf_counter()
+        try:
+            return _Outcome(step=conv.env.step(action), seconds=time.perf_counter() - t0)
+        except Exception as err:
+            where = f"at step {len(conv.episode.turns) + 1} of task {conv.episode.task_id}"
+            return _Outcome(error=err, where=where, seconds=time.perf_counter() - t0)
 
     def crashed(slot: int, request: EpisodeRequest, env: gym.Env | None, where: str) -> None:
         stats.env_crashes += 1
@@ -186,96 +266,132 @@ def run_episodes(
                            label, where, request.seed, crashes[slot])
 
     def abort(err: Exception, where: str, request: EpisodeRequest, env: gym.Env | None) -> EnvFailure:
-        # The run stops: close every environment this call holds, so that no engine process
-        # (JVM, planner, server session) outlives it.
-        held = [env, *(conv.env for conv in live), *idle_envs]
+        # The run stops: let the jobs under way end, then close every environment this call
+        # holds, so that no engine process (JVM, planner, server session) outlives it.
+        jobs.shutdown(wait=True)
+        held = [env, *(conv.env for conv in ready), *idle_envs]
+        for future, job in busy.items():
+            held.append(job.env if isinstance(job, _Conversation) else future.result().env)
         for each in {id(e): e for e in held if e is not None}.values():
             with contextlib.suppress(Exception):
                 each.close()
         return EnvFailure(f"{label} raised {type(err).__name__} {where} (seed {request.seed}): {err}")
 
     def start_next() -> None:
-        while pending and len(live) < max_concurrent:
+        while pending and len(ready) + len(busy) < max_concurrent:
             slot, request = pending.pop()
-            env = None
-            try:
-                env = idle_envs.pop() if idle_envs else make_env()
-                live.append(_Conversation(env, request, slot))
-            except EnvCrashed:
-                crashed(slot, request, env, "at reset" if env is not None else "when made")
-            except Exception as err:
-                raise abort(err, "at reset" if env is not None else "when made", request, env) from err
+            env = idle_envs.pop() if idle_envs else None
+            busy[jobs.submit(start, env, request, slot, crashes[slot])] = (slot, request)
 
-    start_next()
-    while live:
-        prompts = [
-            build_prompt_ids(
-                tokenizer,
-                conv.instruction,
-                conv.observation,
-                conv.history,
-                conv.info.get("admissible_actions"),
-                prompt_config,
+    def finish_turn(conv: _Conversation, outcome: _Outcome) -> None:
+        obs, reward, terminated, truncated, info = outcome.step
+        prompt, completion, parsed, action = conv.sampled
+        stats.env_steps += 1
+        stats.generated_tokens += len(completion.token_ids)
+        conv.episode.turns.append(
+            Turn(
+                prompt_ids=prompt,
+                response_ids=completion.token_ids,
+                logprobs=completion.logprobs,
+                entropies=completion.entropies,
+                finish_reason=completion.finish_reason,
+                weights_version=completion.weights_version,
+                action=action,
+                format_error=parsed.error,
+                reward=float(reward),
+                invalid_action=bool(info.get("invalid_action")) or not parsed.valid,
+                allowed_token_ids=completion.allowed_token_ids,
             )
-            for conv in live
-        ]
-        t0 = time.perf_counter()
-        choices = [choices_of(conv) for conv in live] if constrain_actions else None
-        completions = engine.generate(prompts, sampling, choices)
-        stats.engine_seconds += time.perf_counter() - t0
-        still_live: list[_Conversation] = []
-        for conv, prompt, completion in zip(live, prompts, completions):
-            parsed = parse_response(completion.text, prompt_config)
-            # An unparsable response still costs a turn: the env sees the raw text and answers
-            # with its own invalid-action convention, so truncation bounds every episode.
-            action = parsed.action if parsed.valid else completion.text.strip()[: prompt_config.max_action_chars]
-            t0 = time.perf_counter()
-            where = f"at step {len(conv.episode.turns) + 1} of task {conv.episode.task_id}"
-            try:
-                obs, reward, terminated, truncated, info = conv.env.step(action)
-            except EnvCrashed:
-                crashed(conv.slot, conv.request, conv.env, where)
-                continue
-            except Exception as err:
-                raise abort(err, where, conv.request, None) from err
-            finally:
-                stats.env_seconds += time.perf_counter() - t0
-            stats.env_steps += 1
-            stats.generated_tokens += len(completion.token_ids)
-            conv.episode.turns.append(
-                Turn(
-                    prompt_ids=prompt,
-                    response_ids=completion.token_ids,
-                    logprobs=completion.logprobs,
-                    entropies=completion.entropies,
-                    finish_reason=completion.finish_reason,
-                    weights_version=completion.weights_version,
-                    action=action,
-                    format_error=parsed.error,
-                    reward=float(reward),
-                    invalid_action=bool(info.get("invalid_action")) or not parsed.valid,
-                    allowed_token_ids=completion.allowed_token_ids,
-                )
-            )
-            conv.history.append(HistoryTurn(conv.observation, action))
-            conv.observation, conv.info = obs, info
-            if terminated or truncated:
-                conv.episode.won = bool(info.get("won"))
-                conv.episode.score = float(info.get("score", 0.0))
-                conv.episode.truncated = bool(truncated)
-                finished.append(conv.episode)
-                stats.episodes += 1
-                idle_envs.append(conv.env)
+        )
+        conv.history.append(HistoryTurn(conv.observation, action))
+        conv.observation, conv.info = obs, info
+        if terminated or truncated:
+            conv.episode.won = bool(info.get("won"))
+            conv.episode.score = float(info.get("score", 0.0))
+            conv.episode.truncated = bool(truncated)
+            finished.append((conv.slot, conv.episode))
+            stats.episodes += 1
+            idle_envs.append(conv.env)
+        else:
+            ready.append(conv)
+
+    def collect(block: bool) -> None:
+        """Take in every environment job that has ended (in the order they were handed out);
+        with `block`, first wait for one."""
+        if block and busy:
+            wait(busy, return_when=FIRST_COMPLETED)
+        for future in [f for f in busy if f.done()]:
+            conv = busy.pop(future)
+            outcome = future.result()
+            if not isinstance(conv, _Conversation):  # a start
+                if outcome.error is None:
+                    ready.append(outcome.conv)
+                    continue
+                slot, request = conv
+                if isinstance(outcome.error, EnvCrashed):
+                    crashed(slot, request, outcome.env, outcome.where)
+                    continue
+                raise abort(outcome.error, outcome.where, request, outcome.env) from outcome.error
+            stats.env_seconds += outcome.seconds
+            if outcome.error is None:
+                finish_turn(conv, outcome)
+            elif isinstance(outcome.error, EnvCrashed):
+                crashed(conv.slot, conv.request, conv.env, outcome.where)
             else:
-                still_live.append(conv)
-        live = still_live
+                raise abort(outcome.error, outcome.where, conv.request, conv.env) from outcome.error
+
+    try:
         start_next()
-        if on_turn is not None:
-            on_turn(stats)
+        collect(block=False)
+        while ready or busy:
+            if ready:
+                if before_batch is not None:
+                    before_batch()
+                batch, ready[:] = list(ready), []
+                prompts = [
+                    build_prompt_ids(
+                        tokenizer,
+                        conv.instruction,
+                        conv.observation,
+                        conv.history,
+                        conv.info.get("admissible_actions"),
+                        prompt_config,
+                    )
+                    for conv in batch
+                ]
+                seeds = (
+                    [turn_seed(seed, c.request, member[c.slot], c.attempt, len(c.episode.turns)) for c in batch]
+                    if env_workers
+                    else None
+                )
+                t0 = time.perf_counter()
+                choices = [choices_of(conv) for conv in batch] if constrain_actions else None
+                completions = engine.generate(prompts, sampling, choices, seeds=seeds)
+                stats.engine_seconds += time.perf_counter() - t0
+                stats.engine_batches += 1
+                for conv, prompt, completion in zip(batch, prompts, completions):
+                    parsed = parse_response(completion.text, prompt_config)
+                    # An unparsable response still costs a turn: the env sees the raw text and
+                    # answers with its own invalid-action convention, so truncation bounds
+                    # every episode.
+                    action = (
+                        parsed.action if parsed.valid else completion.text.strip()[: prompt_config.max_action_chars]
+                    )
+                    conv.sampled = (prompt, completion, parsed, action)
+                    busy[jobs.submit(step, conv, action)] = conv
+            collect(block=not ready)
+            start_next()
+            collect(block=False)
+            if on_turn is not None:
+                on_turn(stats)
+    finally:
+        jobs.shutdown(wait=True)
     if keep_envs is not None:
         keep_envs.extend(idle_envs)
     else:
         for env in idle_envs:
             env.close()
     stats.wall_seconds += time.perf_counter() - started
-    return finished
+    if env_workers:
+        finished.sort(key=lambda item: item[0])
+    return [episode for _, episode in finished]

@@ -5,6 +5,7 @@ from envs.core import (
     EnvConfigError,
     EnvCrashed,
     EnvError,
+    StepLatency,
     TextEnv,
     UnknownEnvError,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "EnvConfigError",
     "EnvCrashed",
     "EnvError",
+    "StepLatency",
     "TextEnv",
     "UnknownEnvError",
     "check_config",

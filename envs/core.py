@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -138,6 +139,19 @@ class TextEnv(gym.Env):
         info.setdefault("admissible_actions", None)
         info["turn"] = self._turn
         return obs, float(reward), bool(terminated), bool(truncated), info
+
+
+class StepLatency(gym.Wrapper):
+    """Adds `latency_ms` to every step, as a slow tool or remote service would. The wait
+    releases the GIL, like the I/O of a real remote environment."""
+
+    def __init__(self, env: gym.Env, latency_ms: float) -> None:
+        super().__init__(env)
+        self.latency_s = latency_ms / 1000.0
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        time.sleep(self.latency_s)
+        return self.env.step(action)
 
 
 def cache_dir(name: str) -> pathlib.Path:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 
-from envs.core import EnvConfigError, EnvError, UnknownEnvError
+from envs.core import EnvConfigError, EnvError, StepLatency, UnknownEnvError
 
 EnvFactory = Callable[..., gym.Env]
 
@@ -122,6 +122,18 @@ def _lookup(env_id: str, env_config: dict[str, Any]) -> tuple[Registration, dict
     return _PREFIXES[prefix], {"variant": env_id[len(prefix):], **env_config}
 
 
+#: The env_config key every environment takes: milliseconds of latency added to each step (a
+#: slow tool or remote service, to measure how the sampler copes with one).
+STEP_LATENCY_KEY = "step_latency_ms"
+
+
+def _pop_latency(env_id: str, env_config: dict[str, Any]) -> float:
+    latency = env_config.pop(STEP_LATENCY_KEY, 0)
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not latency >= 0:
+        raise EnvConfigError(f"env {env_id!r}: {STEP_LATENCY_KEY} must be a number >= 0, got {latency!r}")
+    return float(latency)
+
+
 def check_config(env_id: str, **env_config: Any) -> None:
     """Check `env_id` and `env_config` without making the environment (no engine, JVM or
     catalogue starts), so that a run can refuse a bad setting before it starts workers.
@@ -131,6 +143,7 @@ def check_config(env_id: str, **env_config: Any) -> None:
     when the environment's module cannot be imported. Values that only the running engine can
     judge are checked when the environment is made.
     """
+    _pop_latency(env_id, env_config)
     entry_point, kwargs = _lookup(env_id, env_config)
     try:
         factory = _resolve(entry_point)
@@ -142,7 +155,7 @@ def check_config(env_id: str, **env_config: Any) -> None:
         unknown = [key for key in kwargs if key not in takes]
         if unknown:
             raise EnvConfigError(
-                f"env {env_id!r}: bad env_config key {unknown[0]!r}; it takes: {', '.join(takes)}"
+                f"env {env_id!r}: bad env_config key {unknown[0]!r}; it takes: {', '.join([*takes, STEP_LATENCY_KEY])}"
             )
     check = getattr(factory, "check_config", None)
     if callable(check):
@@ -150,16 +163,19 @@ def check_config(env_id: str, **env_config: Any) -> None:
 
 
 def make(env_id: str, **env_config: Any) -> gym.Env:
-    """Make the environment `env_id` with `env_config` as keyword arguments."""
+    """Make the environment `env_id` with `env_config` as keyword arguments; `step_latency_ms`
+    (any environment) wraps it in `StepLatency`."""
+    latency = _pop_latency(env_id, env_config)
     entry_point, kwargs = _lookup(env_id, env_config)
     factory = _resolve(entry_point)
     try:
-        return factory(**kwargs)
+        env = factory(**kwargs)
     except TypeError as err:
         # An unknown keyword in env_config surfaces here; name it instead of a bare TypeError.
         if "unexpected keyword argument" in str(err):
             raise EnvConfigError(f"env {env_id!r}: bad env_config key: {err}") from err
         raise
+    return StepLatency(env, latency) if latency else env
 
 
 def expert_action(env: gym.Env) -> str:

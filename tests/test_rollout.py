@@ -1,7 +1,10 @@
-"""Multi-turn rollouts: per-turn records, independent conversations, crashed and failing
-environments, whole groups."""
+"""Multi-turn rollouts: per-turn records, independent conversations, environments stepped on
+worker threads while the engine generates, crashed and failing environments, whole groups."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import gymnasium as gym
 import pytest
@@ -33,6 +36,30 @@ class ErrorOnStep(gym.Wrapper):
 
     def step(self, action):
         raise ValueError("the environment's own bug")
+
+
+class SlowStep(gym.Wrapper):
+    """A step that takes `latency_s`, counting how many steps of all instances overlap."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def __init__(self, env, latency_s: float):
+        super().__init__(env)
+        self.latency_s = latency_s
+
+    def step(self, action):
+        cls = type(self)
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        try:
+            time.sleep(self.latency_s)
+            return self.env.step(action)
+        finally:
+            with cls.lock:
+                cls.running -= 1
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +97,58 @@ def test_turn_records_hold_sampled_tokens(engine):
             assert episode.turns[0].action in engine.tokenizer.decode(episode.turns[1].prompt_ids)
 
 
-def play_with_crashes(engine, crashing: int, crash_retries: int):
+def play_deepsearch(engine, env_workers: int, latency=lambda made: 0.0, **kwargs):
+    made = []
+
+    def make_env():
+        made.append(None)
+        return SlowStep(envs.make("deepsearch", max_turns=3), latency(len(made)))
+
+    requests = [EpisodeRequest(seed=s // 2, group=f"g{s // 2}") for s in range(8)]
+    return run_episodes(
+        engine, engine.tokenizer, make_env, requests, SamplingParams(max_new_tokens=10),
+        PromptConfig(think=False), max_concurrent=8, env_workers=env_workers, seed=5, **kwargs,
+    )
+
+
+def test_env_steps_overlap_on_workers_and_not_in_lock_step(engine):
+    SlowStep.most = 0
+    play_deepsearch(engine, env_workers=0, latency=lambda made: 0.02)
+    assert SlowStep.most == 1
+    SlowStep.most = 0
+    stats = RolloutStats()
+    episodes = play_deepsearch(engine, env_workers=4, latency=lambda made: 0.05, stats=stats)
+    assert SlowStep.most > 1
+    assert len(episodes) == stats.episodes == 8 and stats.env_steps == sum(len(e.turns) for e in episodes)
+
+
+def test_worker_sampling_does_not_depend_on_timing(engine):
+    """With workers, batches form as environments answer; each turn's own seed keeps what it
+    samples the same whatever shared its batch: uneven latencies give the same episodes."""
+    even = play_deepsearch(engine, env_workers=1)
+    uneven = play_deepsearch(engine, env_workers=3, latency=lambda made: 0.03 * (made % 3))
+    assert [(e.group, e.seed) for e in even] == [(e.group, e.seed) for e in uneven]  # request order
+    for a, b in zip(even, uneven):
+        assert [t.response_ids for t in a.turns] == [t.response_ids for t in b.turns]
+        assert [t.action for t in a.turns] == [t.action for t in b.turns]
+    # The two copies of a task (one group) sample differently.
+    assert [t.response_ids for t in even[0].turns] != [t.response_ids for t in even[1].turns]
+
+
+def test_a_row_seed_makes_a_completion_independent_of_its_batch(engine):
+    ids = engine.tokenizer("search[ the river ]")["input_ids"]
+    other = engine.tokenizer("answer[ paris ] and more words here")["input_ids"]
+    params = SamplingParams(max_new_tokens=12)
+    alone = engine.generate([ids], params, seeds=[11])[0]
+    batched = engine.generate([other, ids, other], params, seeds=[3, 11, 4])
+    assert batched[1].token_ids == alone.token_ids
+    assert batched[1].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    assert batched[0].token_ids != batched[2].token_ids or batched[0].logprobs != batched[2].logprobs
+    with pytest.raises(ValueError, match="got 1 seeds for 2 prompts"):
+        engine.generate([ids, ids], params, seeds=[1])
+
+
+def play_with_crashes(engine, crashing: int, crash_retries: int, env_workers: int = 0):
     """Three requests, one at a time; the first `crashing` environments made crash at step 2."""
     made = []
 
@@ -90,19 +168,22 @@ def play_with_crashes(engine, crashing: int, crash_retries: int):
         max_concurrent=1,
         stats=stats,
         crash_retries=crash_retries,
+        env_workers=env_workers,
     )
     return episodes, stats, made
 
 
-def test_crashed_env_is_replaced_and_its_episode_played_again(engine):
-    episodes, stats, made = play_with_crashes(engine, crashing=1, crash_retries=2)
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_crashed_env_is_replaced_and_its_episode_played_again(engine, env_workers):
+    episodes, stats, made = play_with_crashes(engine, crashing=1, crash_retries=2, env_workers=env_workers)
     assert (stats.env_crashes, stats.crash_retries, stats.crashed_episodes) == (1, 1, 0)
     assert sorted(e.seed for e in episodes) == [0, 1, 2]
     assert len(made) == 2  # one replacement, then reused
 
 
-def test_episode_is_given_up_when_its_retries_run_out(engine):
-    episodes, stats, made = play_with_crashes(engine, crashing=3, crash_retries=2)
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_episode_is_given_up_when_its_retries_run_out(engine, env_workers):
+    episodes, stats, made = play_with_crashes(engine, crashing=3, crash_retries=2, env_workers=env_workers)
     assert (stats.env_crashes, stats.crash_retries, stats.crashed_episodes) == (3, 2, 1)
     assert sorted(e.seed for e in episodes) == [1, 2]
     assert len(made) == 4
@@ -117,10 +198,12 @@ def test_episode_is_given_up_when_its_retries_run_out(engine):
     ],
     ids=["unknown-id", "bad-split", "env-bug"],
 )
-def test_a_non_crash_env_error_raises_env_failure_naming_env_and_cause(engine, env_id, make_env, message):
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_a_non_crash_env_error_raises_env_failure_naming_env_and_cause(engine, env_id, make_env, message, env_workers):
     with pytest.raises(EnvFailure, match=f"^env '{env_id}' {message}"):
         run_episodes(engine, engine.tokenizer, make_env, [EpisodeRequest(seed=0)] * 2,
-                     SamplingParams(max_new_tokens=8), PromptConfig(think=False), env_id=env_id)
+                     SamplingParams(max_new_tokens=8), PromptConfig(think=False), env_id=env_id,
+                     env_workers=env_workers)
 
 
 def test_whole_groups_drops_a_group_with_a_member_missing():

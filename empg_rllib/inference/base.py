@@ -48,12 +48,16 @@ class Completion:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_request(prompts: Sequence[Sequence[int]], choices: Sequence[Any] | None) -> None:
+def check_request(
+    prompts: Sequence[Sequence[int]], choices: Sequence[Any] | None, seeds: Sequence[int] | None = None
+) -> None:
     """The checks every engine's `generate` makes before sampling."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if choices is not None and len(choices) != len(prompts):
         raise ValueError(f"got {len(choices)} choice lists for {len(prompts)} prompts")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
 
 
 class InferenceEngine(Protocol):
@@ -66,9 +70,12 @@ class InferenceEngine(Protocol):
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         """One completion per prompt, in order. `choices[i]`, when given, lists the token
-        sequences completion i must be one of (constrained decoding, see `choices.py`)."""
+        sequences completion i must be one of (constrained decoding, see `choices.py`).
+        `seeds[i]`, when given, seeds completion i alone: what it samples then does not depend
+        on which other prompts share the batch (else the engine's stream or `params.seed`)."""
         ...
 
     def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> None:

@@ -67,10 +67,11 @@ class HFEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         if not prompts:
             return []
-        check_request(prompts, choices)
+        check_request(prompts, choices, seeds)
         tries = [ChoiceTrie(c) if c else None for c in (choices or [None] * len(prompts))]
         generator = (
             torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else self._generator
@@ -78,7 +79,12 @@ class HFEngine:
         completions: list[Completion] = []
         for start in range(0, len(prompts), self.max_batch_size):
             end = start + self.max_batch_size
-            completions.extend(self._generate_batch(prompts[start:end], params, generator, tries[start:end]))
+            rows = (
+                [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start:end]]
+                if seeds is not None
+                else generator
+            )
+            completions.extend(self._generate_batch(prompts[start:end], params, rows, tries[start:end]))
         return completions
 
     def _stop_candidates(self, stops: tuple[str, ...], vocab_size: int) -> torch.Tensor:
@@ -107,9 +113,11 @@ class HFEngine:
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         tries: Sequence[ChoiceTrie | None],
     ) -> list[Completion]:
+        """`generator`: one stream for the batch, or one per row (a row's samples then depend
+        on its own stream alone)."""
         batch = len(prompts)
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -139,7 +147,12 @@ class HFEngine:
                         allowed[row] = False
                         allowed[row, ids] = True
             log_p, entropy = log_softmax_and_entropy(logits, params.temperature, allowed)
-            tokens = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(self.device)
+            probs = log_p.exp().cpu()
+            if isinstance(generator, list):
+                tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+                tokens = tokens.unsqueeze(-1).to(self.device)
+            else:
+                tokens = torch.multinomial(probs, 1, generator=generator).to(self.device)
             step_tokens.append(tokens.squeeze(-1).cpu())
             step_logp.append(log_p.gather(-1, tokens).squeeze(-1).cpu())
             step_entropy.append(entropy.cpu())

@@ -158,17 +158,21 @@ class VLLMEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
-        check_request(prompts, choices)
+        check_request(prompts, choices, seeds)
         self._check_alive()
         choices = list(choices) if choices is not None else [None] * len(prompts)
-        stream = np.random.default_rng(params.seed) if params.seed is not None else self._rng
-        seeds = stream.integers(0, _SEED_BOUND, len(prompts))
+        if seeds is None:
+            stream = np.random.default_rng(params.seed) if params.seed is not None else self._rng
+            seeds = stream.integers(0, _SEED_BOUND, len(prompts))
+        else:
+            seeds = [int(s) % _SEED_BOUND for s in seeds]
         requests = [
             VLLMSamplingParams(
                 temperature=params.temperature,

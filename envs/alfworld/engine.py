@@ -3,15 +3,23 @@
 One `Engine` holds one `PddlEnv` for its whole life and loads game after game into it: each
 `PddlEnv` dlopens its own copy of fast-downward's library and never unloads it (2-4 MiB of
 RSS per instance), so one per game would leak memory.
+
+TextWorld's PDDL backend parses with module-level parser state (tatsu), which threads corrupt:
+engines stepped on several threads at once (a runner's env workers) failed in its parser. Every
+engine call holds one process-wide lock, so ALFWorld steps run one at a time while other work
+(generation, other environments, a slow tool's latency) overlaps them.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
 from textworld.envs.pddl import PddlEnv
+
+_ENGINE_LOCK = threading.RLock()
 
 
 class Engine:
@@ -19,7 +27,8 @@ class Engine:
 
     def __init__(self) -> None:
         infos = textworld.EnvInfos(admissible_commands=True, won=True)
-        self._env = AlfredDemangler()(PddlEnv(infos))
+        with _ENGINE_LOCK:
+            self._env = AlfredDemangler()(PddlEnv(infos))
         self._pddl: PddlEnv = self._env.unwrapped
         self._loaded: Any = None
         self._closed = False
@@ -29,14 +38,17 @@ class Engine:
         if isinstance(game, str) and game == self._loaded:
             return
         self._loaded = None
-        self._env.load(game)
+        with _ENGINE_LOCK:
+            self._env.load(game)
         self._loaded = game if isinstance(game, str) else None
 
     def reset(self) -> textworld.GameState:
-        return self._env.reset()
+        with _ENGINE_LOCK:
+            return self._env.reset()
 
     def step(self, command: str) -> textworld.GameState:
-        state, _, _ = self._env.step(command)
+        with _ENGINE_LOCK:
+            state, _, _ = self._env.step(command)
         return state
 
     def plan(self) -> list[str]:
@@ -45,7 +57,8 @@ class Engine:
         Computed only when asked: requesting `policy_commands` would replan on every step, which
         costs ~24 ms a step on pick-two goals.
         """
-        return self._pddl._pddl_state.replan(self._pddl._entity_infos)
+        with _ENGINE_LOCK:
+            return self._pddl._pddl_state.replan(self._pddl._entity_infos)
 
     def walkthrough(self) -> list[str]:
         """The loaded game file's stored walkthrough (empty if it has none)."""

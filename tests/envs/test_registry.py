@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+import time
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_check_config_names_the_problem_without_making_the_env():
     envs.check_config("twx/coin", game_params={"numLocations": 3})
     with pytest.raises(envs.UnknownEnvError, match="Did you mean 'alfworld'"):
         envs.check_config("alfwrld")
-    with pytest.raises(envs.EnvConfigError, match=r"bad env_config key 'topk'; it takes: split, max_turns, top_k"):
+    with pytest.raises(envs.EnvConfigError, match=r"bad env_config key 'topk'; it takes: split, max_turns, top_k, step_latency_ms"):
         envs.check_config("deepsearch", topk=2)
     with pytest.raises(envs.EnvConfigError, match="split must be one of"):
         envs.check_config("alfworld", split="valid")
@@ -117,3 +118,23 @@ def test_check_config_names_the_problem_without_making_the_env():
         envs.check_config("twx/cokingworld")
     with pytest.raises(envs.EnvConfigError, match="game_params"):
         envs.check_config("twx/coin", game_params="numLocations=many")
+    with pytest.raises(envs.EnvConfigError, match="step_latency_ms must be a number >= 0, got -5"):
+        envs.check_config("deepsearch", step_latency_ms=-5)
+
+
+@pytest.mark.parametrize("env_id", ["deepsearch", "twx/coin"])
+def test_every_env_takes_step_latency_and_answers_as_without_it(env_id):
+    plain, slow = envs.make(env_id, max_turns=3), envs.make(env_id, max_turns=3, step_latency_ms=40)
+    try:
+        envs.check_config(env_id, step_latency_ms=40)
+        assert isinstance(slow, envs.StepLatency) and not isinstance(plain, envs.StepLatency)
+        assert slow.reset(seed=3) == plain.reset(seed=3)
+        action = envs.expert_action(plain)
+        assert envs.expert_action(slow) == action
+        started = time.perf_counter()
+        answer = slow.step(action)
+        assert time.perf_counter() - started >= 0.04  # sleep waits at least that long
+        assert answer == plain.step(action)
+    finally:
+        plain.close()
+        slow.close()

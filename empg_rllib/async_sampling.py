@@ -1,0 +1,222 @@
+"""Asynchronous actor-learner sampling: env runners keep playing groups while the learner updates.
+
+The driver keeps two sampling calls in flight on every remote env runner (`groups_per_call`
+groups each), so a runner starts its next call the moment one ends, and files what comes back
+in a `GroupQueue`. The queue hands groups to the learner in the order they were drawn (a
+reorder buffer): the sequence of trained tasks is then the same whatever the timing, which is
+what lets an interrupted run resume without losing or repeating a task. A group is dropped
+whole, and counted, when a member is missing (its environment crashed on every retry) or when
+its oldest turn is more than `max_policy_lag` weight versions older than the policy about to
+train on it. New weights are posted on a `WeightsBoard`, which every runner reads between
+engine batches: weights reach runners between turns, without stopping them.
+
+`GroupQueue` is plain Python; the Ray glue is the board and `AsyncSampler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from empg_rllib.rollout import EnvFailure, Episode, EpisodeRequest
+
+logger = logging.getLogger(__name__)
+
+TAG = "empg_async_sample"
+
+
+def oldest_version(episodes: list[Episode]) -> int:
+    """The weights version of a group's oldest turn."""
+    versions = [t.weights_version for e in episodes for t in e.turns]
+    return min(versions) if versions else 0
+
+
+@dataclass
+class Taken:
+    """What `GroupQueue.take` found: a batch's groups (when `ready`) and the groups dropped."""
+
+    ready: bool = False
+    episodes: list[Episode] = field(default_factory=list)
+    lags: list[int] = field(default_factory=list)  # per trained group: learner version - oldest turn's
+    dropped_stale: int = 0
+    dropped_incomplete: int = 0
+
+
+@dataclass
+class GroupQueue:
+    """Drawn groups in draw order: requested, then played, then trained or dropped."""
+
+    order: deque = field(default_factory=deque)  # group ids not yet trained or dropped
+    requests: dict[str, list[EpisodeRequest]] = field(default_factory=dict)
+    played: dict[str, list[Episode]] = field(default_factory=dict)
+
+    def add_group(self, group: str, requests: list[EpisodeRequest]) -> None:
+        self.order.append(group)
+        self.requests[group] = requests
+
+    def file(self, groups: list[str], episodes: list[Episode]) -> None:
+        """A call's episodes; every one of its `groups` is played (a group may come back with
+        members missing: their environments crashed on every retry)."""
+        for g in groups:
+            self.played.setdefault(g, [])
+        for e in episodes:
+            self.played[str(e.group)].append(e)
+
+    def take(self, n: int, version: int, max_lag: int) -> Taken:
+        """The next `n` trainable groups in draw order (`ready`), or not ready while the front
+        ones are still being played. Groups met at the front with a member missing, or whose
+        oldest turn lags `version` by more than `max_lag`, are dropped for good and counted."""
+        out = Taken()
+        eligible: list[str] = []
+        for group in list(self.order):
+            if group not in self.played or len(eligible) == n:
+                break
+            episodes = self.played[group]
+            if len(episodes) != len(self.requests[group]):
+                out.dropped_incomplete += 1
+                self._forget(group)
+            elif version - oldest_version(episodes) > max_lag:
+                out.dropped_stale += 1
+                self._forget(group)
+            else:
+                eligible.append(group)
+        if len(eligible) < n:
+            return out
+        out.ready = True
+        for group in eligible:
+            out.episodes.extend(self.played[group])
+            out.lags.append(version - oldest_version(self.played[group]))
+            self._forget(group)
+        return out
+
+    def _forget(self, group: str) -> None:
+        self.order.remove(group)
+        self.requests.pop(group, None)
+        self.played.pop(group, None)
+
+    def unplayed(self) -> int:
+        return sum(1 for g in self.order if g not in self.played)
+
+    def untrained(self) -> list[tuple[str, list[EpisodeRequest]]]:
+        """Every group drawn and not yet trained or dropped, in draw order (for checkpoints)."""
+        return [(g, self.requests[g]) for g in self.order]
+
+
+@ray.remote(num_cpus=0)
+class WeightsBoard:
+    """The newest published weights: (version, [ObjectRef]). Runners read it between engine
+    batches; the reference sits in a list so that Ray hands it over unresolved."""
+
+    def __init__(self) -> None:
+        self.version, self.weights = 0, None
+
+    def post(self, version: int, weights: list) -> None:
+        if version > self.version:
+            self.version, self.weights = version, weights
+
+    def latest(self, newer_than: int) -> tuple[int, list | None]:
+        return (self.version, self.weights) if self.version > newer_than else (self.version, None)
+
+
+@dataclass
+class AsyncSampler:
+    """The driver's side: keeps `calls_per_runner` sampling calls in flight on every healthy
+    remote runner and files what returns in the queue."""
+
+    groups_per_call: int
+    calls_per_runner: int = 2
+    queue: GroupQueue = field(default_factory=GroupQueue)
+    unsent: deque = field(default_factory=deque)  # (group, requests) queued, not yet sent
+    inflight: dict[int, deque] = field(default_factory=dict)  # runner -> its calls' group ids
+    board: Any = None
+    runner_busy_s: float = 0.0  # runners' sampling time since the last batch was taken
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.board is None:
+            self.board = WeightsBoard.remote()
+
+    def post_weights(self, version: int, weights_ref: Any) -> None:
+        """Publish new weights; runners pick them up before their next engine batch."""
+        ray.get(self.board.post.remote(version, [weights_ref]))
+
+    def requeue(self, groups: list[tuple[str, list[EpisodeRequest]]]) -> None:
+        """Groups drawn before a checkpoint and not trained: sampled again first, in order."""
+        for group, requests in groups:
+            self.queue.add_group(group, requests)
+            self.unsent.append((group, requests))
+
+    def next_batch(self, runners: Any, draw: Any, n: int, version: int, max_lag: int, restore: Any) -> Taken:
+        """Wait until the next `n` groups in draw order are played and trainable; returns them
+        with everything dropped meanwhile. `draw()` -> (group id, requests) draws a new task."""
+        total = Taken()
+        while True:
+            self._fill(runners, draw)
+            found = self.queue.take(n, version, max_lag)
+            total.dropped_stale += found.dropped_stale
+            total.dropped_incomplete += found.dropped_incomplete
+            if found.ready:
+                total.ready, total.episodes, total.lags = True, found.episodes, found.lags
+                return total
+            for worker, (groups, episodes, metrics, failure, busy_s) in runners.fetch_ready_async_reqs(
+                tags=TAG, timeout_seconds=0.5
+            ):
+                if failure is not None:
+                    raise EnvFailure(f"env runner {worker}: {failure}")
+                if self.inflight.get(worker):
+                    self.inflight[worker].popleft()
+                self.queue.file(groups, episodes)
+                self.metrics.append(metrics)
+                self.runner_busy_s += busy_s
+            self._recover_lost_calls(runners, restore)
+
+    def _fill(self, runners: Any, draw: Any) -> None:
+        for worker in runners.healthy_worker_ids():
+            calls = self.inflight.setdefault(worker, deque())
+            while len(calls) < self.calls_per_runner:
+                while len(self.unsent) < self.groups_per_call:
+                    group, requests = draw()
+                    self.queue.add_group(group, requests)
+                    self.unsent.append((group, requests))
+                chunk = [self.unsent.popleft() for _ in range(self.groups_per_call)]
+                groups = [g for g, _ in chunk]
+                requests = [r for _, rs in chunk for r in rs]
+                sent = runners.foreach_env_runner_async(
+                    _sample_call(groups, requests, self.board), tag=TAG, remote_worker_ids=[worker]
+                )
+                if not sent:  # the runner's in-flight cap: try again later
+                    self.unsent.extendleft(reversed(chunk))
+                    break
+                calls.append(groups)
+
+    def _recover_lost_calls(self, runners: Any, restore: Any) -> None:
+        """The calls of a runner that died go back to the front of the line, in draw order."""
+        healthy = set(runners.healthy_worker_ids())
+        lost = [g for w, calls in self.inflight.items() if w not in healthy for groups in calls for g in groups]
+        if not lost:
+            return
+        for worker in [w for w in self.inflight if w not in healthy]:
+            self.inflight.pop(worker)
+        position = {g: i for i, g in enumerate(self.queue.order)}
+        back = sorted(((g, self.queue.requests[g]) for g in lost), key=lambda item: position[item[0]])
+        self.unsent = deque(sorted([*back, *self.unsent], key=lambda item: position[item[0]]))
+        logger.warning("%d groups lost with a failed env runner; playing them again", len(lost))
+        restore()
+
+
+def _sample_call(groups: list[str], requests: list[EpisodeRequest], board: Any) -> Any:
+    def call(runner: Any) -> tuple[list[str], list[Episode], dict[str, Any] | None, str | None, float]:
+        # An env's error comes back as a value: raised, RLlib's `apply` would exit the actor.
+        started = time.perf_counter()
+        try:
+            episodes = runner.sample(requests=requests, weights_board=board)
+        except EnvFailure as failure:
+            return groups, [], None, str(failure), 0.0
+        return groups, episodes, runner.get_metrics(), None, time.perf_counter() - started
+
+    return call
