@@ -375,6 +375,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The paper's comparison on one environment (compare.py): arms x seeds one after another,
+    finished runs kept, then a table of held-out success and the report's figures."""
+    from empg_rllib import compare
+    from empg_rllib.experiment import ConfigError
+    from empg_rllib.training import RAY_LOGS, ray_session
+
+    try:
+        comparison = compare.load(args.compare)
+    except ConfigError as err:
+        raise SystemExit(f"empg: {args.compare}: {err}") from None
+    address = _ray_address(args)
+    _quiet_libraries()
+    console = _console()
+    arms, seeds = comparison.settings.arms, comparison.settings.seeds
+    console.print(f"compare {comparison.name}: {len(arms)} arms x {len(seeds)} seeds on {comparison.base.env} in {comparison.dir}")
+    started = time.perf_counter()
+    with ray_session(address=address, logs_to=comparison.dir / RAY_LOGS):
+        results = compare.run(comparison, log=console.print)
+    table, report = compare.write_results(comparison, results)
+    console.print(table.read_text())
+    console.print(f"comparison finished in {time.perf_counter() - started:.0f}s; table: {table}; figures: {report}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Figures and a markdown table comparing runs, from the logs they wrote (report.py)."""
     from empg_rllib.report import ReportError, write_report
@@ -463,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     start.add_argument("--overwrite", action="store_true", help="start over: delete the sweep's earlier directory")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="GRPO vs DAPO, with and without EMPG, x seeds (tuned_examples/compare/*.yaml)")
+    p.add_argument("compare", help="a compare file: base experiment, arms, seeds (README: Results on a CPU)")
+    _address_argument(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="figures and a markdown table comparing runs, from their TensorBoard logs")
     p.add_argument(
