@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
 	$(PY) benchmarks/env_speed.py
 	$(PY) benchmarks/learner.py
+	$(PY) benchmarks/async_sampling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

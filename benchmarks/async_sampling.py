@@ -8,6 +8,15 @@ whose steps hold the GIL and one process-wide lock, so threads overlap only its 
 the engine's generation). The figure is env steps per second of wall time; each ratio is the
 median over repeats of the per-repeat ratio.
 
+Across runners and learner: trained batches per hour with 2 env runners on ALFWorld (the demo's
+games, the tiny model, GRPO + EMPG: every batch is trained, where DAPO would drop the untrained
+model's all-failure groups), synchronous vs `async: {enabled: true}`, run one after the other
+in one process, on ALFWorld as it is and with 20 ms added to each step: each figure is 3600 /
+the median iteration time after a warm-up iteration.
+
+Iteration time (synchronous, one local runner) against group size (4, 8, 16) and max turns
+(10, 20, 40): curves.
+
 Writes benchmarks/results/async_sampling.json and .png.
 """
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +99,67 @@ def in_runner(env_id: str, conversations: int, latency_ms: float, workers: list[
     }
 
 
+def run_iterations(overrides: dict[str, Any], iterations: int, run_dir: str) -> list[float]:
+    """Wall seconds of each training iteration of the demo's ALFWorld setup with `overrides`."""
+    from empg_rllib.experiment import validate
+    from empg_rllib.models import resolve_model
+    from empg_rllib.training import build_algorithm
+
+    base = {
+        "env": "alfworld", "env_config": {**DEMO_GAMES, "expert": "explorer"}, "max_turns": 10, "history_turns": 1,
+        "max_new_tokens": 48, "think": False, "constrain_actions": True, "list_admissible_actions": False,
+        "tasks_per_batch": 4, "group_size": 4, "loss": "grpo", "lr": 1e-3, "micro_batch_size": 16,
+        "checkpoint_every": 0, "iterations": iterations, "run_dir": run_dir,
+    }
+    algo = build_algorithm(validate({**base, **overrides}), resolve_model("tiny:"))
+    times = []
+    try:
+        for _ in range(iterations):
+            started = time.perf_counter()
+            algo.train()
+            times.append(time.perf_counter() - started)
+    finally:
+        algo.stop()
+    return times
+
+
+def across_runners(iterations: int, run_dir: str, latency_ms: float) -> dict[str, Any]:
+    """Sync vs async with 2 env runners, on ALFWorld as it is and with `latency_ms` added to
+    each step (a slow tool: the sampling phase then leaves the CPU idle, which async fills)."""
+    from empg_rllib.training import ray_session
+
+    out: dict[str, Any] = {"env_runners": 2, "iterations": iterations, "settings": []}
+    with ray_session(num_cpus=3):
+        for latency in (0.0, latency_ms):
+            row: dict[str, Any] = {"step_latency_ms": latency}
+            for mode, block in (("sync", {"enabled": False}), ("async", {"enabled": True, "max_policy_lag": 1})):
+                env_config = {**DEMO_GAMES, "expert": "explorer", "step_latency_ms": latency}
+                overrides = {"num_env_runners": 2, "async": block, "env_config": env_config}
+                times = run_iterations(overrides, iterations, f"{run_dir}/{mode}-{latency:g}")
+                row[mode] = {"iteration_s": times, "batches_per_hour": 3600 / statistics.median(times[1:])}
+                print(f"  +{latency:g} ms {mode}: {row[mode]['batches_per_hour']:.0f} trained batches/h "
+                      f"(iterations {[round(t, 1) for t in times]} s)")
+            row["async_vs_sync"] = row["async"]["batches_per_hour"] / row["sync"]["batches_per_hour"]
+            out["settings"].append(row)
+    return out
+
+
+def iteration_curves(iterations: int, run_dir: str) -> dict[str, Any]:
+    from empg_rllib.training import ray_session
+
+    out: dict[str, Any] = {"group_size": {}, "max_turns": {}}
+    with ray_session(num_cpus=2):
+        for size in (4, 8, 16):
+            times = run_iterations({"tasks_per_batch": 2, "group_size": size}, iterations, f"{run_dir}/g{size}")
+            out["group_size"][str(size)] = statistics.median(times)
+            print(f"  group_size {size:2d}: {out['group_size'][str(size)]:.1f} s per iteration")
+        for turns in (10, 20, 40):
+            times = run_iterations({"tasks_per_batch": 2, "group_size": 4, "max_turns": turns}, iterations, f"{run_dir}/t{turns}")
+            out["max_turns"][str(turns)] = statistics.median(times)
+            print(f"  max_turns {turns:2d}: {out['max_turns'][str(turns)]:.1f} s per iteration")
+    return out
+
+
 def plot(result: dict[str, Any]) -> None:
     import matplotlib
 
@@ -96,14 +167,35 @@ def plot(result: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["in_runner"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    extra = [k for k in ("across_runners", "curves") if k in result]
+    fig, axes = plt.subplots(1, len(runs) + len(extra), figsize=(5 * (len(runs) + len(extra)), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         speeds = run["env_steps_per_s_median"]
         labels = ["lock-step" if w == "0" else f"{w} workers" for w in speeds]
         ax.bar(labels, list(speeds.values()), color=["grey"] + ["tab:blue"] * (len(speeds) - 1))
         ax.set_ylabel("env steps / s (median)")
         ax.set_title(f"{run['env']}: {run['conversations']} conversations, +{run['step_latency_ms']:g} ms per step")
-    fig.suptitle("One env runner: environment steps on worker threads vs lock-step (tiny model, CPU)")
+    rest = list(axes[0][len(runs):])
+    if "across_runners" in result:
+        ax, across = rest.pop(0), result["across_runners"]
+        for i, row in enumerate(across["settings"]):
+            bars = ax.bar([3 * i, 3 * i + 1], [row["sync"]["batches_per_hour"], row["async"]["batches_per_hour"]],
+                          color=["grey", "tab:blue"], label=["sync", "async"] if i == 0 else None)
+            ax.bar_label(bars, labels=["", f"{row['async_vs_sync']:.2f}x"])
+        ax.set_xticks([3 * i + 0.5 for i in range(len(across["settings"]))],
+                      [f"+{row['step_latency_ms']:g} ms/step" for row in across["settings"]])
+        ax.set_ylabel("trained batches / hour")
+        ax.set_title(f"ALFWorld, {across['env_runners']} env runners: sync vs async")
+        ax.legend()
+    if "curves" in result:
+        ax, curves = rest.pop(0), result["curves"]
+        for name, points in curves.items():
+            ax.plot([int(x) for x in points], list(points.values()), marker="o", label=name)
+        ax.set_xlabel("group size / max turns")
+        ax.set_ylabel("s per iteration (median)")
+        ax.set_title("Iteration time (2 tasks per batch, sync)")
+        ax.legend()
+    fig.suptitle("Asynchronous sampling on a CPU (tiny model)")
     fig.tight_layout()
     fig.savefig(RESULTS / "async_sampling.png", dpi=120)
 
@@ -115,12 +207,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4, 8, 16], help="0 first: the baseline")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--envs", nargs="+", default=list(ENV_CONFIGS), choices=list(ENV_CONFIGS))
+    parser.add_argument("--iterations", type=int, default=4, help="per arm of the sync/async comparison")
+    parser.add_argument("--curve-iterations", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["in_runner", "across_runners", "curves"])
     args = parser.parse_args()
     started = time.perf_counter()
     result: dict[str, Any] = {"in_runner": []}
-    for env_id in args.envs:
+    for env_id in args.envs if "in_runner" in args.parts else []:
         print(f"{env_id}:")
         result["in_runner"].append(in_runner(env_id, args.conversations, args.latency_ms, args.workers, args.repeats))
+    with tempfile.TemporaryDirectory() as run_dir:
+        if "across_runners" in args.parts:
+            print("sync vs async, 2 env runners, ALFWorld:")
+            result["across_runners"] = across_runners(args.iterations, run_dir, args.latency_ms)
+            for row in result["across_runners"]["settings"]:
+                print(f"+{row['step_latency_ms']:g} ms: async {row['async_vs_sync']:.2f}x the synchronous batches/h "
+                      "(goal >= 1.5x)")
+        if "curves" in args.parts:
+            print("iteration time:")
+            result["curves"] = iteration_curves(args.curve_iterations, run_dir)
     result["wall_s"] = time.perf_counter() - started
     for run in result["in_runner"]:
         for w, ratio in run["speedup_vs_lock_step_median"].items():

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,11 @@ class EMPG(Algorithm):
         async_sampling.py); logs policy lag, drops, and learner and runner idle fractions."""
         exp = self.config.experiment
         started = time.perf_counter()
+        progress = SamplingProgress(
+            label=f"iteration {self.iteration + 1}/{exp.iterations} (async)",
+            episodes=exp.tasks_per_batch * exp.group_size,
+            runners=self.env_runner_group.num_remote_env_runners(),
+        )
         found = self._async.next_batch(
             self.env_runner_group,
             self._draw_async_group,
@@ -175,7 +181,9 @@ class EMPG(Algorithm):
             self._policy_version,
             exp.async_.max_policy_lag,
             lambda: self.restore_env_runners(self.env_runner_group),
+            on_filed=lambda front: self.on_sampling(replace(progress.finished_with(front), done=False)),
         )
+        self.on_sampling(progress.finished_with(found.episodes))
         waited = time.perf_counter() - started
         since_last = max(time.perf_counter() - self._last_batch_at, 1e-9)
         self._last_batch_at = time.perf_counter()

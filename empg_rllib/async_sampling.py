@@ -99,8 +99,9 @@ class GroupQueue:
         self.requests.pop(group, None)
         self.played.pop(group, None)
 
-    def unplayed(self) -> int:
-        return sum(1 for g in self.order if g not in self.played)
+    def front(self, n: int) -> list[Episode]:
+        """The episodes back so far of the next `n` groups in draw order (a live view)."""
+        return [e for g in list(self.order)[:n] for e in self.played.get(g, [])]
 
     def untrained(self) -> list[tuple[str, list[EpisodeRequest]]]:
         """Every group drawn and not yet trained or dropped, in draw order (for checkpoints)."""
@@ -151,10 +152,15 @@ class AsyncSampler:
             self.queue.add_group(group, requests)
             self.unsent.append((group, requests))
 
-    def next_batch(self, runners: Any, draw: Any, n: int, version: int, max_lag: int, restore: Any) -> Taken:
+    def next_batch(
+        self, runners: Any, draw: Any, n: int, version: int, max_lag: int, restore: Any,
+        on_filed: Any = lambda front: None,
+    ) -> Taken:
         """Wait until the next `n` groups in draw order are played and trainable; returns them
-        with everything dropped meanwhile. `draw()` -> (group id, requests) draws a new task."""
+        with everything dropped meanwhile. `draw()` -> (group id, requests) draws a new task;
+        `on_filed(episodes)` sees the episodes back so far of the next `n` groups."""
         total = Taken()
+        on_filed(self.queue.front(n))
         while True:
             self._fill(runners, draw)
             found = self.queue.take(n, version, max_lag)
@@ -173,6 +179,7 @@ class AsyncSampler:
                 self.queue.file(groups, episodes)
                 self.metrics.append(metrics)
                 self.runner_busy_s += busy_s
+                on_filed(self.queue.front(n))
             self._recover_lost_calls(runners, restore)
 
     def _fill(self, runners: Any, draw: Any) -> None:

@@ -4,7 +4,8 @@ Every live conversation that needs its next turn joins the next engine batch, so
 advance independently: one that ends early frees its slot instead of waiting for the slowest.
 With `env_workers`, environments are made, reset and stepped on that many threads while the
 engine generates for the conversations whose observations are ready: a slow environment step
-(a tool call, a remote service, a JVM) never holds up generation for the others. Each turn then
+(a tool call, a remote service, a JVM) never holds up generation for the others (the next batch
+waits for half of the conversations under way, so that batches stay full). Each turn then
 samples with its own seed, drawn from the request and the turn's number, so that what it samples
 does not depend on which other conversations shared its batch (a matter of timing). Without
 workers, the environments step one after another between engine batches (lock-step), the
@@ -316,10 +317,16 @@ def run_episodes(
             ready.append(conv)
 
     def collect(block: bool) -> None:
-        """Take in every environment job that has ended (in the order they were handed out);
-        with `block`, first wait for one."""
-        if block and busy:
-            wait(busy, return_when=FIRST_COMPLETED)
+        """Take in every environment job that has ended (in the order they were handed out).
+        With `block`, first wait until half of the conversations under way (at least one) are
+        ready: the engine then generates fuller batches, and a slow environment still holds up
+        no more than the other half."""
+        quorum = max(1, (len(busy) + len(ready)) // 2)
+        while block and busy:
+            waiting = [f for f in busy if not f.done()]
+            if not waiting or len(busy) - len(waiting) + len(ready) >= quorum:
+                break
+            wait(waiting, return_when=FIRST_COMPLETED)
         for future in [f for f in busy if f.done()]:
             conv = busy.pop(future)
             outcome = future.result()

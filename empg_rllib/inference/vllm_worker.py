@@ -24,8 +24,8 @@ class ChoiceLogitsProcessor(LogitsProcessor):
     ended (a stop string may already have stopped it)."""
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        # batch row -> (trie, the request's live list of output tokens, end id)
-        self.rows: dict[int, tuple[ChoiceTrie, list[int], int]] = {}
+        # batch row -> its request's walk down its trie
+        self.rows: dict[int, _Walk] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -38,7 +38,7 @@ class ChoiceLogitsProcessor(LogitsProcessor):
         for index, params, _, output_ids in batch_update.added:
             extra = params.extra_args or {}
             if extra.get(CHOICES_KEY):
-                self.rows[index] = (ChoiceTrie(extra[CHOICES_KEY]), output_ids, int(extra[END_ID_KEY]))
+                self.rows[index] = _Walk(ChoiceTrie(extra[CHOICES_KEY]).root, output_ids, int(extra[END_ID_KEY]))
             else:
                 self.rows.pop(index, None)
         for a, b, direction in batch_update.moved:
@@ -49,18 +49,29 @@ class ChoiceLogitsProcessor(LogitsProcessor):
                 self.rows[a] = row_b
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (trie, output_ids, end_id) in self.rows.items():
-            node: dict | None = trie.root
-            for token in output_ids:
-                node = node.get(token) if node is not None and not ChoiceTrie.ends(node) else None
-            if node is None or ChoiceTrie.ends(node):
-                allowed = [end_id]
-            else:
-                allowed = ChoiceTrie.allowed(node)
+        for index, walk in self.rows.items():
+            allowed = walk.allowed()
             kept = logits[index, allowed].clone()
             logits[index] = float("-inf")
             logits[index, allowed] = kept
         return logits
+
+
+class _Walk:
+    """A request's position in its trie, advanced only over the tokens sampled since the last
+    step (the request's output list grows in place), so that a step costs O(1) per row."""
+
+    def __init__(self, root: dict, output_ids: list[int], end_id: int) -> None:
+        self.node: dict | None = root
+        self.output_ids, self.consumed, self.end_id = output_ids, 0, end_id
+
+    def allowed(self) -> list[int]:
+        for token in self.output_ids[self.consumed :]:
+            self.node = self.node.get(token) if self.node is not None and not ChoiceTrie.ends(self.node) else None
+        self.consumed = len(self.output_ids)
+        if self.node is None or ChoiceTrie.ends(self.node):
+            return [self.end_id]
+        return ChoiceTrie.allowed(self.node)
 
 
 class WeightLoader:
