@@ -182,6 +182,7 @@ class EMPG(Algorithm):
             exp.async_.max_policy_lag,
             lambda: self.restore_env_runners(self.env_runner_group),
             on_filed=lambda front: self.on_sampling(replace(progress.finished_with(front), done=False)),
+            restore_timeout_s=self.config.env_runner_restore_timeout_s,
         )
         self.on_sampling(progress.finished_with(found.episodes))
         waited = time.perf_counter() - started

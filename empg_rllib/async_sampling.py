@@ -3,8 +3,9 @@
 The driver keeps two sampling calls in flight on every remote env runner (`groups_per_call`
 groups each), so a runner starts its next call the moment one ends, and files what comes back
 in a `GroupQueue`. The queue hands groups to the learner in the order they were drawn (a
-reorder buffer): the sequence of trained tasks is then the same whatever the timing, which is
-what lets an interrupted run resume without losing or repeating a task. A group is dropped
+reorder buffer), so no task is lost or trained twice, across a checkpoint and resume too, and
+the sequence of trained tasks does not depend on timing unless a group is dropped as stale
+(which groups go stale does). A group is dropped
 whole, and counted, when a member is missing (its environment crashed on every retry) or when
 its oldest turn is more than `max_policy_lag` weight versions older than the policy about to
 train on it. New weights are posted on a `WeightsBoard`, which every runner reads between
@@ -154,13 +155,16 @@ class AsyncSampler:
 
     def next_batch(
         self, runners: Any, draw: Any, n: int, version: int, max_lag: int, restore: Any,
-        on_filed: Any = lambda front: None,
+        on_filed: Any = lambda front: None, restore_timeout_s: float = 1800.0,
     ) -> Taken:
         """Wait until the next `n` groups in draw order are played and trainable; returns them
         with everything dropped meanwhile. `draw()` -> (group id, requests) draws a new task;
-        `on_filed(episodes)` sees the episodes back so far of the next `n` groups."""
+        `on_filed(episodes)` sees the episodes back so far of the next `n` groups; `restore()`
+        asks RLlib to restart failed runners, tried again every round while any is down, and
+        with none healthy for `restore_timeout_s` the run stops."""
         total = Taken()
         on_filed(self.queue.front(n))
+        down_since: float | None = None
         while True:
             self._fill(runners, draw)
             found = self.queue.take(n, version, max_lag)
@@ -180,7 +184,16 @@ class AsyncSampler:
                 self.metrics.append(metrics)
                 self.runner_busy_s += busy_s
                 on_filed(self.queue.front(n))
-            self._recover_lost_calls(runners, restore)
+            self._recover_lost_calls(runners)
+            if runners.num_healthy_remote_workers() < runners.num_remote_workers():
+                restore()
+            if runners.num_healthy_remote_workers() == 0:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > restore_timeout_s:
+                    raise RuntimeError(f"no healthy env runner came back within {restore_timeout_s:g} s")
+                time.sleep(1.0)
+            else:
+                down_since = None
 
     def _fill(self, runners: Any, draw: Any) -> None:
         for worker in runners.healthy_worker_ids():
@@ -201,19 +214,29 @@ class AsyncSampler:
                     break
                 calls.append(groups)
 
-    def _recover_lost_calls(self, runners: Any, restore: Any) -> None:
-        """The calls of a runner that died go back to the front of the line, in draw order."""
+    def _recover_lost_calls(self, runners: Any) -> None:
+        """Calls RLlib no longer holds go back to the front of the line, in draw order: those of
+        a runner that is down, and those it dropped when the runner failed in another call (an
+        evaluation) and was restarted since."""
         healthy = set(runners.healthy_worker_ids())
-        lost = [g for w, calls in self.inflight.items() if w not in healthy for groups in calls for g in groups]
+        lost: list[str] = []
+        for worker, calls in self.inflight.items():
+            held = _calls_in_flight(runners, worker) if worker in healthy else 0
+            while len(calls) > held:
+                lost.extend(calls.popleft())
         if not lost:
             return
-        for worker in [w for w in self.inflight if w not in healthy]:
-            self.inflight.pop(worker)
         position = {g: i for i, g in enumerate(self.queue.order)}
-        back = sorted(((g, self.queue.requests[g]) for g in lost), key=lambda item: position[item[0]])
+        back = [(g, self.queue.requests[g]) for g in lost]
         self.unsent = deque(sorted([*back, *self.unsent], key=lambda item: position[item[0]]))
         logger.warning("%d groups lost with a failed env runner; playing them again", len(lost))
-        restore()
+
+
+def _calls_in_flight(runners: Any, worker: int) -> int:
+    """Sampling calls RLlib's actor manager holds for `worker` (RLlib 2.60 keeps the count on
+    its per-actor state; a failed actor's calls are dropped from it)."""
+    state = runners._worker_manager._remote_actor_states.get(worker)
+    return state.get_num_in_flight_requests(TAG) if state is not None else 0
 
 
 def _sample_call(groups: list[str], requests: list[EpisodeRequest], board: Any) -> Any:

@@ -29,13 +29,14 @@ from empg_rllib.experiment import ConfigError, Experiment, experiment_path, vali
 from empg_rllib.sweep import with_values
 
 #: The arms of the paper's comparison, as experiment overrides.
+_BOTH = {"empg.use_scaling": True, "empg.use_bonus": True}
 ARMS: dict[str, dict[str, Any]] = {
     "grpo": {"loss": "grpo", "empg.enabled": False},
-    "grpo+empg": {"loss": "grpo", "empg.enabled": True},
+    "grpo+empg": {"loss": "grpo", "empg.enabled": True, **_BOTH},
     "dapo": {"loss": "dapo", "empg.enabled": False},
-    "dapo+empg": {"loss": "dapo", "empg.enabled": True},
-    "dapo+empg-g-only": {"loss": "dapo", "empg.enabled": True, "empg.use_bonus": False},
-    "dapo+empg-f-only": {"loss": "dapo", "empg.enabled": True, "empg.use_scaling": False},
+    "dapo+empg": {"loss": "dapo", "empg.enabled": True, **_BOTH},
+    "dapo+empg-g-only": {"loss": "dapo", "empg.enabled": True, **_BOTH, "empg.use_bonus": False},
+    "dapo+empg-f-only": {"loss": "dapo", "empg.enabled": True, **_BOTH, "empg.use_scaling": False},
 }
 #: Keys the comparison sets for each run.
 COMPARE_OWNED = ("name", "run_dir", "seed", "loss", "empg.enabled", "empg.use_bonus", "empg.use_scaling")

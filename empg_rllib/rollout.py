@@ -266,23 +266,33 @@ def run_episodes(
             logger.warning("%s crashed %s (seed %d) on all %d attempts; giving the episode up",
                            label, where, request.seed, crashes[slot])
 
-    def abort(err: Exception, where: str, request: EpisodeRequest, env: gym.Env | None) -> EnvFailure:
-        # The run stops: let the jobs under way end, then close every environment this call
-        # holds, so that no engine process (JVM, planner, server session) outlives it.
-        jobs.shutdown(wait=True)
+    def close_all(env: gym.Env | None) -> None:
+        # The run stops: let the jobs under way end (those not started are cancelled), then
+        # close every environment this call holds, so that no engine process (JVM, planner,
+        # server session) outlives it.
+        jobs.shutdown(wait=True, cancel_futures=True)
         held = [env, *(conv.env for conv in ready), *idle_envs]
         for future, job in busy.items():
-            held.append(job.env if isinstance(job, _Conversation) else future.result().env)
+            if isinstance(job, _Conversation):
+                held.append(job.env)
+            elif not future.cancelled():
+                held.append(future.result().env)
         for each in {id(e): e for e in held if e is not None}.values():
             with contextlib.suppress(Exception):
                 each.close()
+
+    def abort(err: Exception, where: str, request: EpisodeRequest, env: gym.Env | None) -> EnvFailure:
+        close_all(env)
         return EnvFailure(f"{label} raised {type(err).__name__} {where} (seed {request.seed}): {err}")
 
     def start_next() -> None:
         while pending and len(ready) + len(busy) < max_concurrent:
             slot, request = pending.pop()
             env = idle_envs.pop() if idle_envs else None
-            busy[jobs.submit(start, env, request, slot, crashes[slot])] = (slot, request)
+            future = jobs.submit(start, env, request, slot, crashes[slot])
+            busy[future] = (slot, request)
+            if future.done():  # lock-step: started (or crashed, and queued again) at once
+                take_in(future)
 
     def finish_turn(conv: _Conversation, outcome: _Outcome) -> None:
         obs, reward, terminated, truncated, info = outcome.step
@@ -328,33 +338,38 @@ def run_episodes(
                 break
             wait(waiting, return_when=FIRST_COMPLETED)
         for future in [f for f in busy if f.done()]:
-            conv = busy.pop(future)
-            outcome = future.result()
-            if not isinstance(conv, _Conversation):  # a start
-                if outcome.error is None:
-                    ready.append(outcome.conv)
-                    continue
-                slot, request = conv
-                if isinstance(outcome.error, EnvCrashed):
-                    crashed(slot, request, outcome.env, outcome.where)
-                    continue
-                raise abort(outcome.error, outcome.where, request, outcome.env) from outcome.error
-            stats.env_seconds += outcome.seconds
+            take_in(future)
+
+    def take_in(future: Future) -> None:
+        """One ended environment job: a started conversation joins the engine's queue, a
+        stepped one records its turn; a crash is retried, any other error stops the run."""
+        job = busy.pop(future)
+        outcome = future.result()
+        if not isinstance(job, _Conversation):  # a start
+            slot, request = job
             if outcome.error is None:
-                finish_turn(conv, outcome)
+                ready.append(outcome.conv)
             elif isinstance(outcome.error, EnvCrashed):
-                crashed(conv.slot, conv.request, conv.env, outcome.where)
+                crashed(slot, request, outcome.env, outcome.where)
             else:
-                raise abort(outcome.error, outcome.where, conv.request, conv.env) from outcome.error
+                raise abort(outcome.error, outcome.where, request, outcome.env) from outcome.error
+            return
+        stats.env_seconds += outcome.seconds
+        if outcome.error is None:
+            finish_turn(job, outcome)
+        elif isinstance(outcome.error, EnvCrashed):
+            crashed(job.slot, job.request, job.env, outcome.where)
+        else:
+            raise abort(outcome.error, outcome.where, job.request, job.env) from outcome.error
 
     try:
         start_next()
         collect(block=False)
-        while ready or busy:
+        while ready or busy or pending:
             if ready:
                 if before_batch is not None:
                     before_batch()
-                batch, ready[:] = list(ready), []
+                batch = list(ready)  # left in `ready` until generated: held if the engine fails
                 prompts = [
                     build_prompt_ids(
                         tokenizer,
@@ -376,6 +391,7 @@ def run_episodes(
                 completions = engine.generate(prompts, sampling, choices, seeds=seeds)
                 stats.engine_seconds += time.perf_counter() - t0
                 stats.engine_batches += 1
+                ready.clear()
                 for conv, prompt, completion in zip(batch, prompts, completions):
                     parsed = parse_response(completion.text, prompt_config)
                     # An unparsable response still costs a turn: the env sees the raw text and
@@ -391,6 +407,11 @@ def run_episodes(
             collect(block=False)
             if on_turn is not None:
                 on_turn(stats)
+    except EnvFailure:
+        raise
+    except BaseException:
+        close_all(None)  # the engine or a callback failed: no environment outlives the call
+        raise
     finally:
         jobs.shutdown(wait=True)
     if keep_envs is not None:

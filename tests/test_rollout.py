@@ -189,6 +189,54 @@ def test_episode_is_given_up_when_its_retries_run_out(engine, env_workers):
     assert len(made) == 4
 
 
+class CrashOnReset(gym.Wrapper):
+    """Fault injection: the engine dies at reset."""
+
+    def reset(self, **kwargs):
+        raise envs.EnvCrashed("injected engine crash at reset")
+
+
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_a_reset_crash_is_retried_even_with_nothing_else_running(engine, env_workers):
+    made = []
+
+    def make_env():
+        env = envs.make("deepsearch", max_turns=2)
+        made.append(env)
+        return CrashOnReset(env) if len(made) == 1 else env
+
+    stats = RolloutStats()
+    episodes = run_episodes(engine, engine.tokenizer, make_env, [EpisodeRequest(seed=4)], SamplingParams(max_new_tokens=8),
+                            PromptConfig(think=False), stats=stats, env_workers=env_workers)
+    assert [e.seed for e in episodes] == [4] and len(made) == 2
+    assert (stats.env_crashes, stats.crash_retries, stats.crashed_episodes) == (1, 1, 0)
+
+
+class Closing(gym.Wrapper):
+    closed = 0
+
+    def close(self):
+        Closing.closed += 1
+        return self.env.close()
+
+
+class BrokenEngine:
+    weights_version = 0
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("the engine broke")
+
+
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_an_engine_error_closes_every_environment(engine, env_workers):
+    Closing.closed = 0
+    with pytest.raises(RuntimeError, match="the engine broke"):
+        run_episodes(BrokenEngine(), engine.tokenizer, lambda: Closing(envs.make("deepsearch")),
+                     [EpisodeRequest(seed=s) for s in range(3)], SamplingParams(max_new_tokens=8),
+                     PromptConfig(think=False), env_workers=env_workers)
+    assert Closing.closed == 3
+
+
 @pytest.mark.parametrize(
     ("env_id", "make_env", "message"),
     [
