@@ -145,7 +145,8 @@ class EMPG(Algorithm):
         self.on_sampling: SamplingHook = lambda progress: None
         self._policy_version = 0  # the learner's weights version (updates so far)
         self._async_groups_drawn = 0
-        self._async = AsyncSampler(exp.async_.groups_per_call) if exp.async_.enabled else None
+        share = -(-exp.tasks_per_batch // max(exp.num_env_runners, 1))
+        self._async = AsyncSampler(exp.async_.groups_per_call or share) if exp.async_.enabled else None
         self._last_batch_at = time.perf_counter()
 
     # ---- sampling --------------------------------------------------------------------------

@@ -165,8 +165,10 @@ class AsyncSampler:
         total = Taken()
         on_filed(self.queue.front(n))
         down_since: float | None = None
+        # Groups beyond the next max_lag + 1 batches would be stale when trained: not drawn yet.
+        ahead = (max_lag + 1) * n
         while True:
-            self._fill(runners, draw)
+            self._fill(runners, draw, ahead)
             found = self.queue.take(n, version, max_lag)
             total.dropped_stale += found.dropped_stale
             total.dropped_incomplete += found.dropped_incomplete
@@ -195,15 +197,19 @@ class AsyncSampler:
             else:
                 down_since = None
 
-    def _fill(self, runners: Any, draw: Any) -> None:
+    def _fill(self, runners: Any, draw: Any, ahead: int) -> None:
+        """Send calls to runners with room for one, drawing new groups while fewer than `ahead`
+        are drawn and untrained."""
         for worker in runners.healthy_worker_ids():
             calls = self.inflight.setdefault(worker, deque())
             while len(calls) < self.calls_per_runner:
-                while len(self.unsent) < self.groups_per_call:
+                while len(self.unsent) < self.groups_per_call and len(self.queue.order) < ahead:
                     group, requests = draw()
                     self.queue.add_group(group, requests)
                     self.unsent.append((group, requests))
-                chunk = [self.unsent.popleft() for _ in range(self.groups_per_call)]
+                if not self.unsent:
+                    return
+                chunk = [self.unsent.popleft() for _ in range(min(self.groups_per_call, len(self.unsent)))]
                 groups = [g for g, _ in chunk]
                 requests = [r for _, rs in chunk for r in rs]
                 sent = runners.foreach_env_runner_async(

@@ -100,8 +100,9 @@ class AsyncSettings(_Strict):
     max_policy_lag: int = Field(1, ge=0)
     is_weight_cap: float = Field(2.0, ge=1.0)
     # Groups per sampling call sent to a runner; each runner holds two calls, so that it starts
-    # the next as soon as one ends.
-    groups_per_call: int = Field(1, ge=1)
+    # the next as soon as one ends. Default: a runner's share of a batch, as in synchronous
+    # sampling (tasks_per_batch / num_env_runners, rounded up).
+    groups_per_call: int | None = Field(None, ge=1)
 
 
 #: Resource names Ray reserves for itself: `cpus` and `gpus` set the first two, and the
