@@ -380,6 +380,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finished runs kept, then a table of held-out success and the report's figures."""
     from empg_rllib import compare
     from empg_rllib.experiment import ConfigError
+    from empg_rllib.progress import TerminalProgress
     from empg_rllib.training import RAY_LOGS, ray_session
 
     try:
@@ -392,8 +393,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     arms, seeds = comparison.settings.arms, comparison.settings.seeds
     console.print(f"compare {comparison.name}: {len(arms)} arms x {len(seeds)} seeds on {comparison.base.env} in {comparison.dir}")
     started = time.perf_counter()
-    with ray_session(address=address, logs_to=comparison.dir / RAY_LOGS):
-        results = compare.run(comparison, log=console.print)
+    sft = comparison.base.sft
+    with TerminalProgress(console) as display, ray_session(address=address, logs_to=comparison.dir / RAY_LOGS):
+        results = compare.run(
+            comparison,
+            log=console.print,
+            on_sampling=display.sampling,
+            sft_log=display.sft_logger(sft.epochs, sft.heldout_episodes),
+        )
     table, report = compare.write_results(comparison, results)
     console.print(table.read_text())
     console.print(f"comparison finished in {time.perf_counter() - started:.0f}s; table: {table}; figures: {report}")

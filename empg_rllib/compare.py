@@ -153,7 +153,9 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def warm_start_model(comparison: Comparison, log: Callable[[str], None]) -> str:
+def warm_start_model(
+    comparison: Comparison, log: Callable[[str], None], sft_log: Callable[[dict[str, float]], None] | None = None
+) -> str:
     """The model every run starts from: the base model, or one SFT model trained once."""
     from empg_rllib import models
 
@@ -165,17 +167,23 @@ def warm_start_model(comparison: Comparison, log: Callable[[str], None]) -> str:
         from empg_rllib.sft import run_sft
 
         log(f"SFT warm start for every arm: {base.sft.episodes} expert episodes, {base.sft.epochs} epochs")
-        run_sft(base, sft_dir)
+        run_sft(base, sft_dir, log=sft_log)
     return str(sft_dir)
 
 
-def run(comparison: Comparison, log: Callable[[str], None] = print) -> dict[tuple[str, int], dict[str, Any]]:
+def run(
+    comparison: Comparison,
+    log: Callable[[str], None] = print,
+    on_sampling: Any = None,
+    sft_log: Callable[[dict[str, float]], None] | None = None,
+) -> dict[tuple[str, int], dict[str, Any]]:
     """Train and evaluate every run not finished yet, one after another; returns every run's
-    final evaluation keyed by (arm, seed)."""
+    final evaluation keyed by (arm, seed). `on_sampling` and `sft_log`: live progress hooks
+    (progress.SamplingHook, SFT's per-step log)."""
     from empg_rllib.training import CHECKPOINT_PREFIX, evaluate, latest_checkpoint, train
 
     comparison.dir.mkdir(parents=True, exist_ok=True)
-    model_path = warm_start_model(comparison, log)
+    model_path = warm_start_model(comparison, log, sft_log)
     results = {}
     for i, r in enumerate(comparison.runs, 1):
         label = f"[{i}/{len(comparison.runs)}] {r.arm} seed {r.seed}"
@@ -189,8 +197,8 @@ def run(comparison: Comparison, log: Callable[[str], None] = print) -> dict[tupl
         final = f"{CHECKPOINT_PREFIX}{r.experiment.iterations:06d}"
         if latest is None or latest.name != final:
             log(f"{label}: training{' (resuming from ' + latest.name + ')' if latest else ''}")
-            latest = Path(train(r.experiment, model_path, resume=latest is not None)["checkpoint"])
-        evaluation = evaluate(latest, comparison.splits, comparison.eval_episodes)
+            latest = Path(train(r.experiment, model_path, resume=latest is not None, on_sampling=on_sampling)["checkpoint"])
+        evaluation = evaluate(latest, comparison.splits, comparison.eval_episodes, on_sampling=on_sampling)
         done = {"arm": r.arm, "seed": r.seed, "evaluation": evaluation, "wall_s": time.perf_counter() - started}
         _write_json(r.dir / FINAL_EVAL, done)
         results[(r.arm, r.seed)] = done
