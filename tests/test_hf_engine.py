@@ -155,3 +155,15 @@ def test_constrained_decoding_rejects_bad_choices(engine):
         engine.generate(prompts, SamplingParams(), [None])
     with pytest.raises(ValueError, match="no empty choice"):
         engine.generate(prompts, SamplingParams(), [[[]], None])
+
+
+def test_row_seeded_sampling_draws_each_token_with_its_probability_and_never_a_masked_one():
+    from empg_rllib.inference.hf import _inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(4096, -1)
+    uniforms = torch.cat([torch.rand(4093, 1, generator=torch.Generator().manual_seed(0)),
+                          torch.tensor([[0.0], [0.9999999], [1.0 - 2**-24]])])
+    tokens = _inverse_cdf(probs, uniforms).flatten()
+    assert set(tokens.tolist()) <= {1, 3, 4} and tokens[-3:].tolist() == [1, 4, 4]
+    counts = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.03, rtol=0)

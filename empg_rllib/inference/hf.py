@@ -79,13 +79,14 @@ class HFEngine:
         completions: list[Completion] = []
         for start in range(0, len(prompts), self.max_batch_size):
             end = start + self.max_batch_size
-            rows = (
-                [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start:end]]
-                if seeds is not None
-                else generator
-            )
-            completions.extend(self._generate_batch(prompts[start:end], params, rows, tries[start:end]))
+            sampler = generator if seeds is None else self._row_uniforms(seeds[start:end], params.max_new_tokens)
+            completions.extend(self._generate_batch(prompts[start:end], params, sampler, tries[start:end]))
         return completions
+
+    def _row_uniforms(self, seeds: Sequence[int], steps: int) -> torch.Tensor:
+        """[rows, steps] uniforms in [0, 1), each row from its own seed, drawn once per batch."""
+        rows = [torch.rand(steps, generator=torch.Generator(device="cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(rows).to(self.device)
 
     def _stop_candidates(self, stops: tuple[str, ...], vocab_size: int) -> torch.Tensor:
         """Bool per vocabulary id: the token's text holds the last character of a stop string.
@@ -113,11 +114,11 @@ class HFEngine:
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
-        generator: torch.Generator | list[torch.Generator],
+        sampler: torch.Generator | torch.Tensor,
         tries: Sequence[ChoiceTrie | None],
     ) -> list[Completion]:
-        """`generator`: one stream for the batch, or one per row (a row's samples then depend
-        on its own stream alone)."""
+        """`sampler`: one stream for the batch, or each row's own uniforms ([rows, steps], see
+        `_row_uniforms`: a row's samples then depend on its own seed alone)."""
         batch = len(prompts)
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -147,12 +148,10 @@ class HFEngine:
                         allowed[row] = False
                         allowed[row, ids] = True
             log_p, entropy = log_softmax_and_entropy(logits, params.temperature, allowed)
-            probs = log_p.exp().cpu()
-            if isinstance(generator, list):
-                tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
-                tokens = tokens.unsqueeze(-1).to(self.device)
+            if isinstance(sampler, torch.Generator):
+                tokens = torch.multinomial(log_p.exp().cpu(), 1, generator=sampler).to(self.device)
             else:
-                tokens = torch.multinomial(probs, 1, generator=generator).to(self.device)
+                tokens = _inverse_cdf(log_p.exp(), sampler[:, step : step + 1])
             step_tokens.append(tokens.squeeze(-1).cpu())
             step_logp.append(log_p.gather(-1, tokens).squeeze(-1).cpu())
             step_entropy.append(entropy.cpu())
@@ -206,3 +205,14 @@ class HFEngine:
             )
             for row in range(batch)
         ]
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] token ids drawn from each row of `probs` with its uniform in [0, 1), on the
+    probabilities' device. A zero-probability token (masked by constrained decoding) spans an
+    empty interval of the cumulative sum, so it is never drawn."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    # Below the total even when u * total rounds up to it.
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
