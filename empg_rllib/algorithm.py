@@ -200,14 +200,17 @@ class EMPG(Algorithm):
         m.log_value("learner_idle_fraction", waited / since_last, window=1)
         m.log_value("policy_lag_mean", float(np.mean(found.lags)), window=1)
         m.log_value("policy_lag_max", max(found.lags), window=1)
-        for key, count in (("num_stale_groups_dropped", found.dropped_stale),
-                           ("num_crashed_groups_dropped", found.dropped_incomplete)):
-            m.log_value((ENV_RUNNER_RESULTS, key), count, reduce="sum")
-            m.log_value((ENV_RUNNER_RESULTS, f"{key}_lifetime"), count, reduce="lifetime_sum")
+        self._count_dropped("num_stale_groups_dropped", found.dropped_stale)
+        self._count_dropped("num_crashed_groups_dropped", found.dropped_incomplete)
         if found.dropped_stale:
             logger.warning("iteration %d: dropped %d groups older than max_policy_lag=%d",
                            self.iteration + 1, found.dropped_stale, exp.async_.max_policy_lag)
         return found.episodes
+
+    def _count_dropped(self, key: str, groups: int) -> None:
+        """`env_runners/<key>` for this iteration and `<key>_lifetime` for the run."""
+        self.metrics.log_value((ENV_RUNNER_RESULTS, key), groups, reduce="sum")
+        self.metrics.log_value((ENV_RUNNER_RESULTS, f"{key}_lifetime"), groups, reduce="lifetime_sum")
 
     def sample_episodes(
         self,
@@ -310,10 +313,7 @@ class EMPG(Algorithm):
         else:
             requests = self._draw_groups()
             episodes, crashed_groups = whole_groups(requests, self.sample_episodes(requests))
-            self.metrics.log_value((ENV_RUNNER_RESULTS, "num_crashed_groups_dropped"), len(crashed_groups), reduce="sum")
-            self.metrics.log_value(
-                (ENV_RUNNER_RESULTS, "num_crashed_groups_dropped_lifetime"), len(crashed_groups), reduce="lifetime_sum"
-            )
+            self._count_dropped("num_crashed_groups_dropped", len(crashed_groups))
             if crashed_groups:
                 logger.warning(
                     "iteration %d: dropped %d of %d groups whose environment crashed on every retry",

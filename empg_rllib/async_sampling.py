@@ -5,10 +5,9 @@ groups each), so a runner starts its next call the moment one ends, and files wh
 in a `GroupQueue`. The queue hands groups to the learner in the order they were drawn (a
 reorder buffer), so no task is lost or trained twice, across a checkpoint and resume too, and
 the sequence of trained tasks does not depend on timing unless a group is dropped as stale
-(which groups go stale does). A group is dropped
-whole, and counted, when a member is missing (its environment crashed on every retry) or when
-its oldest turn is more than `max_policy_lag` weight versions older than the policy about to
-train on it. New weights are posted on a `WeightsBoard`, which every runner reads between
+(which groups go stale does). A group is dropped whole, and counted, when a member is missing
+(its environment crashed on every retry) or when its oldest turn is more than `max_policy_lag`
+weight versions older than the policy about to train on it. New weights are posted on a `WeightsBoard`, which every runner reads between
 engine batches: weights reach runners between turns, without stopping them.
 
 `GroupQueue` is plain Python; the Ray glue is the board and `AsyncSampler`.
@@ -16,6 +15,7 @@ engine batches: weights reach runners between turns, without stopping them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -73,25 +73,26 @@ class GroupQueue:
         ones are still being played. Groups met at the front with a member missing, or whose
         oldest turn lags `version` by more than `max_lag`, are dropped for good and counted."""
         out = Taken()
-        eligible: list[str] = []
+        eligible: list[tuple[str, int]] = []  # (group, its lag)
         for group in list(self.order):
             if group not in self.played or len(eligible) == n:
                 break
             episodes = self.played[group]
+            lag = version - oldest_version(episodes)
             if len(episodes) != len(self.requests[group]):
                 out.dropped_incomplete += 1
                 self._forget(group)
-            elif version - oldest_version(episodes) > max_lag:
+            elif lag > max_lag:
                 out.dropped_stale += 1
                 self._forget(group)
             else:
-                eligible.append(group)
+                eligible.append((group, lag))
         if len(eligible) < n:
             return out
         out.ready = True
-        for group in eligible:
+        for group, lag in eligible:
             out.episodes.extend(self.played[group])
-            out.lags.append(version - oldest_version(self.played[group]))
+            out.lags.append(lag)
             self._forget(group)
         return out
 
@@ -102,7 +103,7 @@ class GroupQueue:
 
     def front(self, n: int) -> list[Episode]:
         """The episodes back so far of the next `n` groups in draw order (a live view)."""
-        return [e for g in list(self.order)[:n] for e in self.played.get(g, [])]
+        return [e for g in itertools.islice(self.order, n) for e in self.played.get(g, [])]
 
     def untrained(self) -> list[tuple[str, list[EpisodeRequest]]]:
         """Every group drawn and not yet trained or dropped, in draw order (for checkpoints)."""
@@ -133,7 +134,7 @@ class AsyncSampler:
     groups_per_call: int
     calls_per_runner: int = 2
     queue: GroupQueue = field(default_factory=GroupQueue)
-    unsent: deque = field(default_factory=deque)  # (group, requests) queued, not yet sent
+    unsent: deque = field(default_factory=deque)  # group ids queued, not yet sent (in draw order)
     inflight: dict[int, deque] = field(default_factory=dict)  # runner -> its calls' group ids
     board: Any = None
     runner_busy_s: float = 0.0  # runners' sampling time since the last batch was taken
@@ -151,7 +152,7 @@ class AsyncSampler:
         """Groups drawn before a checkpoint and not trained: sampled again first, in order."""
         for group, requests in groups:
             self.queue.add_group(group, requests)
-            self.unsent.append((group, requests))
+            self.unsent.append(group)
 
     def next_batch(
         self, runners: Any, draw: Any, n: int, version: int, max_lag: int, restore: Any,
@@ -206,17 +207,16 @@ class AsyncSampler:
                 while len(self.unsent) < self.groups_per_call and len(self.queue.order) < ahead:
                     group, requests = draw()
                     self.queue.add_group(group, requests)
-                    self.unsent.append((group, requests))
+                    self.unsent.append(group)
                 if not self.unsent:
                     return
-                chunk = [self.unsent.popleft() for _ in range(min(self.groups_per_call, len(self.unsent)))]
-                groups = [g for g, _ in chunk]
-                requests = [r for _, rs in chunk for r in rs]
+                groups = [self.unsent.popleft() for _ in range(min(self.groups_per_call, len(self.unsent)))]
+                requests = [r for g in groups for r in self.queue.requests[g]]
                 sent = runners.foreach_env_runner_async(
                     _sample_call(groups, requests, self.board), tag=TAG, remote_worker_ids=[worker]
                 )
                 if not sent:  # the runner's in-flight cap: try again later
-                    self.unsent.extendleft(reversed(chunk))
+                    self.unsent.extendleft(reversed(groups))
                     break
                 calls.append(groups)
 
@@ -233,8 +233,7 @@ class AsyncSampler:
         if not lost:
             return
         position = {g: i for i, g in enumerate(self.queue.order)}
-        back = [(g, self.queue.requests[g]) for g in lost]
-        self.unsent = deque(sorted([*back, *self.unsent], key=lambda item: position[item[0]]))
+        self.unsent = deque(sorted([*lost, *self.unsent], key=position.__getitem__))
         logger.warning("%d groups lost with a failed env runner; playing them again", len(lost))
 
 

@@ -13,7 +13,6 @@ table of held-out success (mean ± sample std over seeds) and `empg report`'s fi
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -22,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from empg_rllib.experiment import ConfigError, Experiment, experiment_path, validate
-from empg_rllib.sweep import with_values
+from empg_rllib.experiment import ConfigError, Experiment, validate
+from empg_rllib.sweep import base_experiment, read_file, with_values
 
 #: The arms of the paper's comparison, as experiment overrides.
 _BOTH = {"empg.use_scaling": True, "empg.use_bonus": True}
@@ -98,33 +96,14 @@ class Comparison:
         return self.settings.eval_episodes or self.base.evaluation.episodes
 
 
-def _base(settings: CompareFile, path: Path) -> dict[str, Any]:
-    if isinstance(settings.experiment, dict):
-        return copy.deepcopy(settings.experiment)
-    local = path.parent / settings.experiment
-    base_path = local if local.exists() else experiment_path(settings.experiment)
-    data = yaml.safe_load(base_path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"experiment: {base_path} is not a mapping of keys")
-    return data
-
-
 def load(path: str | os.PathLike) -> Comparison:
     """Read a compare file and validate every run's experiment (no Ray, no work)."""
-    path = experiment_path(path)
-    try:
-        settings = CompareFile.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}") from None
-    except ValidationError as err:
-        raise ConfigError(
-            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'compare'}: {e['msg']}" for e in err.errors())
-        ) from None
+    path, settings = read_file(path, CompareFile, "compare")
     if owned := [k for k in settings.overrides if k in COMPARE_OWNED]:
         raise ConfigError(f"overrides.{owned[0]}: set by the comparison for each run")
     name = settings.name or path.stem
     root = (Path(settings.run_dir) / name).resolve()
-    base = with_values(_base(settings, path), settings.overrides)
+    base = with_values(base_experiment(settings.experiment, path), settings.overrides)
     try:
         base_exp = validate({**base, "run_dir": str(root), "name": "base"})
     except ConfigError as err:

@@ -402,7 +402,7 @@ def run_episodes(
                     )
                     conv.sampled = (prompt, completion, parsed, action)
                     busy[jobs.submit(step, conv, action)] = conv
-            collect(block=not ready)
+            collect(block=True)  # `ready` was just handed to the engine, or was empty
             start_next()
             collect(block=False)
             if on_turn is not None:

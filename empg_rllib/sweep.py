@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import yaml
@@ -34,6 +34,8 @@ from empg_rllib.training import SUMMARY_KEYS
 
 if TYPE_CHECKING:
     from ray.tune import PlacementGroupFactory, ResultGrid
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 #: The keys `evaluate_splits` reports for each split, as `evaluation/<split>/<key>`.
 EVALUATION_KEYS = ("success_rate", "score_mean", "episode_len_mean")
@@ -182,36 +184,47 @@ def _check_metric(metric: str, trial: Trial, exp: Experiment) -> None:
         )
 
 
-def _base_experiment(settings: SweepFile, sweep_path: Path) -> dict[str, Any]:
-    if isinstance(settings.experiment, dict):
-        return copy.deepcopy(settings.experiment)
-    base_path = (sweep_path.parent / settings.experiment).resolve()
+def base_experiment(experiment: str | dict[str, Any], file: Path) -> dict[str, Any]:
+    """The base experiment a sweep or compare `file` names: inline, a path relative to the
+    file, or a shipped example (`tuned_examples/demo.yaml`)."""
+    if isinstance(experiment, dict):
+        return copy.deepcopy(experiment)
+    base_path = (file.parent / experiment).resolve()
     if not base_path.exists():
-        raise ConfigError(f"experiment: {str(base_path)!r} does not exist")
+        try:
+            base_path = experiment_path(experiment)
+        except ConfigError:
+            raise ConfigError(f"experiment: {str(base_path)!r} does not exist") from None
     data = yaml.safe_load(base_path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"experiment: {base_path} is not a mapping of keys")
     return data
 
 
-def load(path: str | os.PathLike) -> Sweep:
-    """Read a sweep file; draw and validate every trial (no Ray needed)."""
+def read_file(path: str | os.PathLike, schema: type[SettingsT], what: str) -> tuple[Path, SettingsT]:
+    """A YAML file (or the shipped one it names) checked against `schema`, or a ConfigError
+    naming each bad key (`what` names the file's top level)."""
     path = experiment_path(path)
     try:
-        settings = SweepFile.model_validate(yaml.safe_load(path.read_text()) or {})
+        return path, schema.model_validate(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {err}") from None
     except ValidationError as err:
         raise ConfigError(
-            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sweep'}: {e['msg']}" for e in err.errors())
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in err.errors())
         ) from None
+
+
+def load(path: str | os.PathLike) -> Sweep:
+    """Read a sweep file; draw and validate every trial (no Ray needed)."""
+    path, settings = read_file(path, SweepFile, "sweep")
     for section, keys in (("overrides", settings.overrides), ("search_space", settings.search_space)):
         for key in keys:
             if key in SWEEP_OWNED:
                 raise ConfigError(f"{section}.{key}: set by the sweep (each trial runs in <run_dir>/<name>/trial_NNN)")
     if both := sorted(set(settings.overrides) & set(settings.search_space)):
         raise ConfigError(f"{both[0]!r} is in both overrides and search_space")
-    base = with_values(_base_experiment(settings, path), settings.overrides)
+    base = with_values(base_experiment(settings.experiment, path), settings.overrides)
     name = settings.name or path.stem
     sweep_dir = (Path(settings.run_dir) / name).resolve()
     points = draw(settings.search_space, settings.num_samples, settings.seed)

@@ -156,7 +156,6 @@ def test_weight_sync_is_exact_and_bumps_the_version(engine, model):
 
 def test_weights_that_do_not_match_the_checkpoint_are_refused(engine, model):
     state = dict(model.state_dict())
-    state["model.layers.0.mlp.up_proj.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
         engine.update_weights({k: v for k, v in state.items() if k != "lm_head.weight"})
     with pytest.raises(ValueError, match=r"unexpected \['lm_head.bias'\]"):
@@ -230,10 +229,8 @@ def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overr
             result = algo.train()
             runners = result["env_runners"]
             assert runners["num_episodes"] == exp.tasks_per_batch * exp.group_size
-            if "sampler_learner_logp_gap_max" not in result:
-                print(f"iteration {iteration + 1} skipped its update: {result.get('skipped_iterations')}")
             assert result["sampler_learner_logp_gap_max"] < 1e-3
-            # The engine serves the learner's latest version (an iteration may skip its update).
+        # The engine serves the learner's latest version (an iteration may skip its update).
         assert algo.env_runner.engine.weights_version == algo.learner_group._learner._weights_seq_no >= 1
         if exp.constrain_actions:
             assert runners["invalid_action_rate"] == 0.0
