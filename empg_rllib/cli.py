@@ -241,6 +241,13 @@ def _results_table(title: str, rows: dict[str, dict[str, dict[str, float]]]):
     return table
 
 
+def _gains(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per split: the success-rate gain from `before` to `after` and its binomial standard error."""
+    from empg_rllib.report import success_gain
+
+    return {split: dict(zip(("gain", "se"), success_gain(before[split], after[split]))) for split in before if split in after}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from empg_rllib.cluster import NodePathError
     from empg_rllib.progress import TerminalProgress
@@ -330,7 +337,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 rl_results = evaluate(summary["checkpoint"], splits, episodes, on_sampling=display.sampling)
     elapsed = time.perf_counter() - started
     console.print(_results_table(f"{exp.env}: success after SFT vs after RL (seed {exp.seed})", {"SFT only": sft_results, "SFT + RL": rl_results}))
-    report = {"experiment": exp.model_dump(), "sft": sft, "sft_only": sft_results, "after_rl": rl_results, "wall_s": elapsed, "checkpoint": summary["checkpoint"]}
+    gains = _gains(sft_results, rl_results)
+    for split, g in gains.items():
+        console.print(
+            f"RL's gain over SFT on {split}: {g['gain']:+.1%} ± {g['se']:.1%} (binomial standard error; "
+            f"{g['gain'] / g['se']:+.1f} SE)" if g["se"] else f"RL's gain over SFT on {split}: {g['gain']:+.1%}"
+        )
+    report = {
+        "experiment": exp.model_dump(), "sft": sft, "sft_only": sft_results, "after_rl": rl_results, "gain": gains,
+        "wall_s": elapsed, "checkpoint": summary["checkpoint"],
+    }
     (run_dir / "demo_summary.json").write_text(json.dumps(report, indent=2))
     console.print(f"demo finished in {elapsed:.0f}s; TensorBoard logs: {run_dir / 'tensorboard'}; summary: {run_dir / 'demo_summary.json'}")
     console.print(_ray_logs_line(address, run_dir / RAY_LOGS))

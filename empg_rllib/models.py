@@ -2,8 +2,8 @@
 
 Nothing is downloaded. The tokenizer is trained on text the project's environments and prompts
 produce, so the tiny model spends its vocabulary on words it will actually read and write.
-The LM head is untied from the embeddings (`tie_word_embeddings=False`) because vLLM's weight
-reload leaves a tied head stale.
+The LM head is untied from the embeddings (`tie_word_embeddings=False`): the tiny model's
+vocabulary is small, so a head of its own costs little.
 """
 
 from __future__ import annotations

@@ -278,6 +278,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def success_gain(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """The change in success rate from `before` to `after` (evaluation results with
+    `success_rate` and `episodes`) and its binomial standard error, the two rates counted as
+    independent samples: sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)."""
+    p1, n1 = before["success_rate"], before["episodes"]
+    p2, n2 = after["success_rate"], after["episodes"]
+    return p2 - p1, math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
 def _late_mean(run: Run, tag: str) -> float | None:
     """Mean of `tag` over the run's last quarter of iterations (at least one): a per-type rate
     from a handful of episodes per batch is too noisy to read at a single iteration."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,5 +66,9 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
     run = subprocess.run([venv / "bin" / "empg", "demo", *sets], cwd=work, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "demo finished" in run.stdout
-    assert (work / "runs" / "demo" / "demo_summary.json").is_file()
+    summary = json.loads((work / "runs" / "demo" / "demo_summary.json").read_text())
+    for split in ("eval_seen", "eval_unseen"):
+        gain = summary["after_rl"][split]["success_rate"] - summary["sft_only"][split]["success_rate"]
+        assert summary["gain"][split]["gain"] == pytest.approx(gain)
+        assert f"RL's gain over SFT on {split}: {gain:+.1%}" in run.stdout
     assert any((work / "runs" / "demo").glob("checkpoint_*/algorithm"))

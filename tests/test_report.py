@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from empg_rllib.cli import main
-from empg_rllib.report import FIGURES, ReportError, group_runs, load_run, write_report
+from empg_rllib.report import FIGURES, ReportError, group_runs, load_run, success_gain, write_report
 
 TYPES = ("look_at_obj_in_light", "pick_and_place_simple")
 
@@ -171,3 +171,12 @@ def test_cli_report(runs, tmp_path, capsys):
     assert list(table_rows((out / "report.md").read_text())) == ["gamma", "beta"]
     with pytest.raises(SystemExit, match=r"empg report: .*missing-run: no such directory"):
         main(["report", str(tmp_path / "missing-run"), "--out", str(out)])
+
+
+def test_success_gain_and_its_binomial_standard_error():
+    gain, se = success_gain({"success_rate": 0.25, "episodes": 48}, {"success_rate": 0.5, "episodes": 48})
+    assert gain == pytest.approx(0.25)
+    assert se == pytest.approx((0.25 * 0.75 / 48 + 0.5 * 0.5 / 48) ** 0.5)
+    # More episodes, the same rates: a smaller error; no spread at 0 or 1.
+    assert success_gain({"success_rate": 0.25, "episodes": 192}, {"success_rate": 0.5, "episodes": 192})[1] == pytest.approx(se / 2)
+    assert success_gain({"success_rate": 0.0, "episodes": 10}, {"success_rate": 1.0, "episodes": 10}) == (1.0, 0.0)

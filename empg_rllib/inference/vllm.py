@@ -87,7 +87,6 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        check_untied(Path(path))
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
         self.weights_version = 0
@@ -291,19 +290,6 @@ def _walk_choices(trie: ChoiceTrie, ids: list[int]) -> tuple[list[int], list[lis
     return ids, allowed_lists, False
 
 
-def check_untied(path: Path) -> None:
-    """vLLM 0.32's in-place reload leaves an LM head tied to the embeddings stale (measured: a
-    log-prob gap of 1.9 nats after a sync), so a tied checkpoint is refused before it is served."""
-    config = json.loads((path / "config.json").read_text())
-    if config.get("tie_word_embeddings", False):
-        raise ValueError(
-            f"{path}: the model ties its LM head to its embeddings (tie_word_embeddings: true, as Qwen2.5 up "
-            "to 3B does), and vLLM 0.32 cannot update such a head in place. Use engine: hf, or save an untied "
-            "copy: load it with transformers, set config.tie_word_embeddings = False, give lm_head.weight its own "
-            "copy of the embeddings (torch.nn.Parameter(embed.weight.clone())), and save_pretrained"
-        )
-
-
 def _vllm_children() -> list[int]:
     import psutil
 
@@ -326,9 +312,16 @@ def _checkpoint_tensors(state_dict: Mapping[str, Any], names: set[str]) -> dict[
     itself only logs a warning for a weight it did not load, and would serve it stale."""
     tensors = {name: torch.as_tensor(value).detach() for name, value in state_dict.items()}
     kept = {name: t.contiguous() for name, t in tensors.items() if not names or name in names}
-    storages = {t.untyped_storage().data_ptr() for name, t in tensors.items() if name in kept}
-    # A tied head shares the embeddings' storage and is not in the checkpoint.
-    unexpected = sorted(n for n, t in tensors.items() if n not in kept and t.untyped_storage().data_ptr() not in storages)
+    # A tied head is not in the checkpoint: it shares the embeddings' storage, or, after Ray
+    # serialised the state (which copies each tensor), their values.
+    storages = {t.untyped_storage().data_ptr() for t in kept.values()}
+
+    def aliases_a_kept_tensor(t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in storages or any(
+            k.shape == t.shape and torch.equal(k, t) for k in kept.values()
+        )
+
+    unexpected = sorted(n for n, t in tensors.items() if n not in kept and not aliases_a_kept_tensor(t))
     missing = sorted(names - set(kept))
     if unexpected or missing:
         raise ValueError(
