@@ -220,6 +220,11 @@ def test_bf16_learner_keeps_fp32_master_weights_and_moves_them_at_small_lr(
         state = next(iter(learner._named_optimizers.values())).state
         assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
         moved = {k: (params[k] != before[k]).float().mean().item() for k in before}
+        # The runners get the weights in the precision the learner computes in: half the bytes.
+        masters = learner.full_state_dict()
+        _, published = learner.publish_weights(to_object_store=False)
+        assert published.keys() == masters.keys()
+        assert all(torch.equal(published[k], v.to(torch.bfloat16)) for k, v in masters.items())
     finally:
         algo.stop()
     # Adam's first step moves every weight with a non-zero gradient by about lr.
