@@ -2,6 +2,12 @@
 
 Actions are free-form text: `search[query]` shows the top-k passages, `answer[text]` ends the
 episode with reward 1 for an exact match after normalisation (token F1 in info["f1"]).
+
+With `action_choices: true`, info["admissible_actions"] lists concrete actions, as constrained
+decoding needs, for a model too small to write a query naming a fictional entity: a search for
+"<noun> of <entity>" for each noun the question names and each entity met so far (the
+question's own, then those of the passages shown), and an answer for each entity the passages
+named. Free text stays valid.
 """
 
 from __future__ import annotations
@@ -75,11 +81,13 @@ class DeepSearchEnv(TextEnv):
 
     task_types = TASK_TYPES
 
-    def __init__(self, split: str = "train", max_turns: int = 10, top_k: int = 3) -> None:
+    def __init__(self, split: str = "train", max_turns: int = 10, top_k: int = 3, action_choices: bool = False) -> None:
         super().__init__(max_turns=max_turns, split=SPLIT_ALIASES.get(split, split))
         if not isinstance(top_k, int) or top_k < 1:
             raise EnvConfigError(f"top_k must be a positive int, got {top_k!r}")
+        self.check_config(action_choices=action_choices)
         self.top_k = top_k
+        self.action_choices = action_choices
         self._corpus = _corpus()
         self._question: Question | None = None
         # Every passage shown this episode; the expert reads its facts from these.
@@ -91,6 +99,8 @@ class DeepSearchEnv(TextEnv):
         if "split" in env_config:
             env_config = {**env_config, "split": SPLIT_ALIASES.get(env_config["split"], env_config["split"])}
         super().check_config(**env_config)
+        if not isinstance(env_config.get("action_choices", False), bool):
+            raise EnvConfigError(f"action_choices must be true or false, got {env_config['action_choices']!r}")
 
     def tasks(self) -> int:
         """Number of questions in this env's split."""
@@ -140,10 +150,20 @@ class DeepSearchEnv(TextEnv):
             "task_id": q.task_id,
             "task_type": q.task_type,
             "instruction": q.text,
-            "admissible_actions": None,
+            "admissible_actions": self._admissible(),
             "relations": list(q.relations),
         }
         return obs, info
+
+    def _admissible(self) -> list[str] | None:
+        if not self.action_choices:
+            return None
+        q = self.question
+        nouns = [RELATIONS_BY_NAME[r].noun for r in q.relations]
+        nouns = [n for i, n in enumerate(nouns) if n not in nouns[:i]]
+        named = list(dict.fromkeys(e for p in self._retrieved for e in (p.fact[0], p.fact[2])))
+        met = list(dict.fromkeys([q.start, *named]))
+        return [f"search[{noun} of {e}]" for e in met for noun in nouns] + [f"answer[{e}]" for e in named]
 
     def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         match = _ACTION.fullmatch(action)
@@ -153,14 +173,15 @@ class DeepSearchEnv(TextEnv):
                 "Invalid action. Reply with exactly one of search[query] or answer[text], "
                 "with a non-empty query or text."
             )
-            return obs, 0.0, False, {"won": False, "score": 0.0, "invalid_action": True}
+            return obs, 0.0, False, {"won": False, "score": 0.0, "invalid_action": True,
+                                     "admissible_actions": self._admissible()}
         if match.group(1).lower() == "search":
             found = self.search(content)
             self._retrieved += found
             lines = [f"[{i}] ({p.pid}) {p.title}: {p.text}" for i, p in enumerate(found, start=1)]
             obs = "\n".join(lines) if lines else "No passage matches the query."
             info = {"won": False, "score": 0.0, "invalid_action": False,
-                    "retrieved": [p.pid for p in found]}
+                    "retrieved": [p.pid for p in found], "admissible_actions": self._admissible()}
             return obs, 0.0, False, info
         gold = self.question.answer
         em = float(normalize_answer(content) == normalize_answer(gold))

@@ -18,7 +18,10 @@ stays on the same page), `info["invalid_action"]` is True and the episode goes o
 `info["admissible_actions"]` lists the current page's actions the way WebShop agents usually
 see them: `click[<clickable>]` for each clickable (lower case, as WebShop matches them) and, on
 the search page, the single placeholder "search[<your query>]" meaning any free-text query.
-The placeholder itself, sent verbatim, is an invalid action.
+The placeholder itself, sent verbatim, is an invalid action. With `query_choices: true` the
+search page offers two concrete queries instead: the instruction's key words and the whole
+instruction. Then every action is one of a list, as constrained decoding needs, for a model
+too small to write its own query.
 
 "Buy now" ends the episode with WebShop's score (see `reward.py`) as the reward; `won` means a
 score of 1.0. The default turn limit is 15.
@@ -90,6 +93,8 @@ class ShopSession:
     score: float = 0.0
     reward_info: dict[str, Any] = field(default_factory=dict)
     searches: list[str] = field(default_factory=list)
+    # Concrete queries the search page offers instead of the free-text placeholder (query_choices).
+    queries: tuple[str, ...] = ()
 
     @property
     def product(self) -> Product:
@@ -190,8 +195,14 @@ class ShopSession:
         return page_text(self.segments(), self.options if self.page == "item" else {})
 
     def admissible_actions(self) -> list[str]:
-        actions = [SEARCH_PLACEHOLDER] if self.page == "search" else []
+        searches = [f"search[{q}]" for q in self.queries] if self.queries else [SEARCH_PLACEHOLDER]
+        actions = searches if self.page == "search" else []
         return actions + [f"click[{label}]" for label in self.clickables()]
+
+
+def _key_words(goal: Goal) -> str:
+    """The instruction's key words: the goal's attributes, product name and option values."""
+    return " ".join((*goal.attributes, goal.name, *goal.options.values())).lower()
 
 
 def format_score(score: float) -> str:
@@ -222,8 +233,11 @@ class WebShopEnv(TextEnv):
         split: str = "train",
         catalog_seed: int = DEFAULT_SEED,
         num_products: int = DEFAULT_NUM_PRODUCTS,
+        query_choices: bool = False,
     ) -> None:
         super().__init__(max_turns=max_turns, split=split)
+        self.check_config(query_choices=query_choices)
+        self.query_choices = query_choices
         if not isinstance(catalog_seed, int):
             raise EnvConfigError(f"catalog_seed must be an int, got {catalog_seed!r}")
         if not isinstance(num_products, int) or num_products < 1000:
@@ -231,6 +245,12 @@ class WebShopEnv(TextEnv):
         self.catalog = build_catalog(catalog_seed, num_products)
         self.index = get_index(catalog_seed, num_products)
         self._shop: ShopSession | None = None
+
+    @classmethod
+    def check_config(cls, **env_config: Any) -> None:
+        super().check_config(**env_config)
+        if not isinstance(env_config.get("query_choices", False), bool):
+            raise EnvConfigError(f"query_choices must be true or false, got {env_config['query_choices']!r}")
 
     def tasks(self) -> int:
         """Number of tasks in this env's split."""
@@ -256,7 +276,10 @@ class WebShopEnv(TextEnv):
     def _reset_task(self, seed: int | None, task: Any) -> tuple[str, dict[str, Any]]:
         split, index = self._resolve_task(seed, task)
         goal = make_goal(self.catalog, split, index)
-        self._shop = ShopSession(self.catalog, self.index, goal)
+        # query_choices: the search page offers the instruction's key words and the whole
+        # instruction as queries, for constrained decoding by a model that cannot write a query.
+        queries = (_key_words(goal), goal.instruction.lower()) if self.query_choices else ()
+        self._shop = ShopSession(self.catalog, self.index, goal, queries=queries)
         info = {
             "task_id": f"webshop/{split}/{index:05d}",
             "task_type": goal.category,
@@ -310,10 +333,12 @@ class WebShopEnv(TextEnv):
         return selected if score >= WIN_SCORE else None
 
     def _expert_queries(self) -> tuple[str, str]:
-        """The key-word query, then the target's title as a fallback."""
-        goal = self._shop.goal
-        keywords = " ".join((*goal.attributes, goal.name, *goal.options.values()))
-        return keywords.lower(), self.catalog.by_asin[goal.asin].title.lower()
+        """The key-word query, then a fallback: the target's title, or, where the search page
+        offers its queries (query_choices), the whole instruction."""
+        shop = self._shop
+        if shop.queries:
+            return shop.queries[0], shop.queries[1]
+        return _key_words(shop.goal), self.catalog.by_asin[shop.goal.asin].title.lower()
 
     def expert_action(self) -> str:
         """Search the goal's key words, open a result that satisfies the goal, select the

@@ -177,3 +177,23 @@ def test_expert_solves_every_type(split):
     assert set(by_type) == EXPECTED_TYPES[split]
     for task_type, wins in by_type.items():
         assert sum(wins) / len(wins) >= 0.99, task_type
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_action_choices_list_every_expert_action(split):
+    env = envs.make("deepsearch", split=split, action_choices=True)
+    wins = []
+    for q in _questions(split)[:40]:
+        _, info = env.reset(options={"task": q.task_id})
+        assert all(a.startswith("search[") and a.endswith(f" of {q.start}]") for a in info["admissible_actions"])
+        while True:
+            action = envs.expert_action(env)
+            assert action in info["admissible_actions"], (action, info["admissible_actions"])
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+            assert any(a.startswith("answer[") for a in info["admissible_actions"])
+        wins.append(info["won"])
+    assert sum(wins) >= 39
+    with pytest.raises(EnvConfigError, match="action_choices must be true or false"):
+        envs.check_config("deepsearch", action_choices=1)

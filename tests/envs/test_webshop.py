@@ -316,6 +316,32 @@ def test_every_admissible_action_is_valid():
             assert not env.step(action)[4]["invalid_action"], action
 
 
+def test_query_choices_offer_concrete_searches_the_expert_uses():
+    env = envs.make("webshop", query_choices=True)
+    wins = []
+    for task in range(0, 60, 6):
+        _, info = env.reset(options={"task": task})
+        instruction = info["instruction"].lower()
+        searches = info["admissible_actions"]
+        assert searches[1] == f"search[{instruction}]" and "<your query>" not in searches[0]
+        assert all(word in instruction for word in searches[0][7:-1].split())
+        while True:
+            action = envs.expert_action(env)
+            assert action in info["admissible_actions"], action
+            _, _, terminated, truncated, info = env.step(action)
+            assert not info["invalid_action"]
+            if terminated or truncated:
+                break
+        wins.append(info["won"])
+    assert sum(wins) >= 9, wins
+    # The second query is valid too, and leads to results.
+    env.reset(options={"task": 3})
+    _, _, _, _, info = env.step(env.unwrapped._shop.admissible_actions()[1])
+    assert not info["invalid_action"] and info["page"] == "results"
+    with pytest.raises(EnvConfigError, match="query_choices must be true or false"):
+        envs.check_config("webshop", query_choices="yes")
+
+
 def test_buying_a_wrong_product_scores_below_one():
     env = envs.make("webshop")
     _, info = env.reset(options={"task": 12})
