@@ -186,37 +186,54 @@ def run(
     return results
 
 
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": values}
+
+
 def summary(comparison: Comparison, results: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per arm and split: held-out success mean, sample std (None for one seed), per-seed values."""
+    """Per arm and split: held-out success mean, sample std (None for one seed) and per-seed
+    values; under "score" the same for the mean score (partial credit, as WebShop's)."""
     out: dict[str, dict[str, Any]] = {}
     for arm in comparison.settings.arms:
         out[arm] = {}
         for split in comparison.splits:
-            values = [results[(arm, s)]["evaluation"][split]["success_rate"]
-                      for s in comparison.settings.seeds if (arm, s) in results]
-            std = statistics.stdev(values) if len(values) > 1 else None
-            out[arm][split] = {"mean": statistics.fmean(values), "std": std, "seeds": values}
+            evaluations = [results[(arm, s)]["evaluation"][split] for s in comparison.settings.seeds if (arm, s) in results]
+            out[arm][split] = {
+                **_stats([e["success_rate"] for e in evaluations]),
+                "score": _stats([e["score_mean"] for e in evaluations]),
+            }
     return out
 
 
+def _cell(stats: dict[str, Any], percent: bool) -> str:
+    scale, unit, digits = (100, "%", 1) if percent else (1, "", 3)
+    spread = f" ± {scale * stats['std']:.{digits}f}" if stats["std"] is not None else ""
+    return f"{scale * stats['mean']:.{digits}f}{spread}{unit} (n={len(stats['seeds'])})"
+
+
 def markdown(comparison: Comparison, table: dict[str, dict[str, Any]]) -> str:
+    """The success table, with mean-score columns where scores give partial credit."""
     base = comparison.base
     seeds = comparison.settings.seeds
+    partial = any(
+        abs(a - b) > 1e-9
+        for splits in table.values() for cell in splits.values() for a, b in zip(cell["seeds"], cell["score"]["seeds"])
+    )
+    columns = [(split, "success") for split in comparison.splits]
+    if partial:
+        columns += [(split, "score") for split in comparison.splits]
     lines = [
-        f"Held-out success after RL on `{base.env}`: mean ± sample std over seeds {', '.join(map(str, seeds))} "
+        f"Held-out {'success and mean score' if partial else 'success'} after RL on `{base.env}`: mean ± sample "
+        f"std over seeds {', '.join(map(str, seeds))} "
         f"({comparison.eval_episodes} episodes per split and seed; {base.iterations} iterations of "
         f"{base.tasks_per_batch} tasks x {base.group_size} rollouts, model `{base.model}`"
         f"{', SFT warm start shared by every arm' if base.warm_start == 'sft' else ''}).",
         "",
-        "| arm | " + " | ".join(comparison.splits) + " |",
-        "|---|" + "---|" * len(comparison.splits),
+        "| arm | " + " | ".join(f"{split} {what}" if partial else split for split, what in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for arm, splits in table.items():
-        cells = []
-        for split in comparison.splits:
-            cell = splits[split]
-            spread = f" ± {100 * cell['std']:.1f}" if cell["std"] is not None else ""
-            cells.append(f"{100 * cell['mean']:.1f}{spread}% (n={len(cell['seeds'])})")
+        cells = [_cell(splits[split], True) if what == "success" else _cell(splits[split]["score"], False) for split, what in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -53,6 +53,8 @@ def test_comparison_runs_every_arm_and_seed_and_keeps_finished_runs(ray_cluster,
     for arm in ("grpo", "dapo+empg"):
         seeds = cells[arm]["eval_seen"]["seeds"]
         assert len(seeds) == 2 and cells[arm]["eval_seen"]["mean"] == pytest.approx(sum(seeds) / 2)
+        scores = [results[(arm, s)]["evaluation"]["eval_seen"]["score_mean"] for s in (0, 1)]
+        assert cells[arm]["eval_seen"]["score"]["seeds"] == scores
 
     # A rerun trains and evaluates nothing that finished; a run that lost its final evaluation
     # (interrupted after training) is evaluated again, not trained again.
@@ -64,6 +66,24 @@ def test_comparison_runs_every_arm_and_seed_and_keeps_finished_runs(ray_cluster,
     again = compare.run(comparison, log=lambda line: None)
     assert len(evaluated) == 1 and comparison.runs[1].dir.name == "dapo+empg"
     assert again[("grpo", 0)] == results[("grpo", 0)]
+
+
+def test_the_table_adds_mean_scores_where_scores_give_partial_credit(tmp_path):
+    comparison = compare.load(compare_file(tmp_path))
+
+    def evaluated(success: float, score: float) -> dict:
+        return {"evaluation": {split: {"success_rate": success, "score_mean": score} for split in comparison.splits}}
+
+    binary = {("grpo", 0): evaluated(0.25, 0.25), ("grpo", 1): evaluated(0.5, 0.5),
+              ("dapo+empg", 0): evaluated(0.0, 0.0), ("dapo+empg", 1): evaluated(0.25, 0.25)}
+    table = compare.markdown(comparison, compare.summary(comparison, binary))
+    assert "| grpo | 37.5 ± 17.7% (n=2) |" in table and "score" not in table
+    partial = {**binary, ("grpo", 1): evaluated(0.5, 0.75)}
+    table = compare.markdown(comparison, compare.summary(comparison, partial))
+    header = [f"{split} success" for split in comparison.splits] + [f"{split} score" for split in comparison.splits]
+    assert "| arm | " + " | ".join(header) + " |" in table
+    row = ["37.5 ± 17.7% (n=2)"] * len(comparison.splits) + ["0.500 ± 0.354 (n=2)"] * len(comparison.splits)
+    assert "| grpo | " + " | ".join(row) + " |" in table
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "tuned_examples" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
