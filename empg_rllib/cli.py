@@ -241,7 +241,7 @@ def _results_table(title: str, rows: dict[str, dict[str, dict[str, float]]]):
     return table
 
 
-def _gains(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def _gains(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
     """Per split: the success-rate gain from `before` to `after` and its binomial standard error."""
     from empg_rllib.report import success_gain
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
-from empg_rllib.learner import EMPGTorchLearner
+from empg_rllib.learner import EMPGTorchLearner, cast_floats
 from empg_rllib.precision import resolve_dtype
 
 
@@ -163,8 +163,10 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
             # module's state is the adapters alone.
             self._gathered = {k: v.detach().cpu().clone() for k, v in self._rl_module().get_state().items()}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._gathered if self.zero_stage == 3 else super().full_state_dict()
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        if self.zero_stage != 3:
+            return super().full_state_dict(dtype)
+        return self._gathered if dtype is None else {k: cast_floats(v, dtype) for k, v in self._gathered.items()}
 
     def get_state(self, components=None, *, not_components=None, **kwargs: Any) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)

@@ -40,6 +40,11 @@ COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", 
 _STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens")
 
 
+def cast_floats(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating-point; integer buffers stay as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 class EMPGTorchLearner(TorchLearner):
     """Reads `config.experiment` for the loss settings and `micro_batch_size`."""
 
@@ -257,9 +262,14 @@ class EMPGTorchLearner(TorchLearner):
         """Make the full weights readable by `get_state`; every learner calls it at once. The
         torch backend replicates the weights on every rank: nothing to gather."""
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's full weights (after `gather_weights`)."""
-        return self._rl_module().get_state()
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The module's full weights (after `gather_weights`), on the host; given `dtype`, the
+        floating-point ones cast to it on the learner's device first, so that the host never
+        holds the fp32 copy."""
+        module = self._rl_module()
+        if dtype is None or module.lora:  # a LoRA module's state is its adapters, not cast
+            return module.get_state()
+        return {k: cast_floats(v.detach(), dtype).cpu() for k, v in module.state_dict().items()}
 
     def publish_weights(self, to_object_store: bool) -> tuple[int, Any] | None:
         """Rank 0: (weights version, full weights), the weights put into Ray's object store
@@ -267,10 +277,8 @@ class EMPGTorchLearner(TorchLearner):
         through the driver's memory. Other ranks: None. Call after `gather_weights`."""
         if self.rank != 0:
             return None
-        weights = self.full_state_dict()
         dtype = self.published_dtype()
-        if dtype != torch.float32:
-            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        weights = self.full_state_dict(None if dtype == torch.float32 else dtype)
         if to_object_store:
             import ray
 
@@ -280,8 +288,9 @@ class EMPGTorchLearner(TorchLearner):
     def published_dtype(self) -> torch.dtype:
         """The precision the runners get the weights in: the one this learner computes in. With
         bf16 compute the fp32 master weights go out as bf16, half the bytes of every sync (a 7B
-        model: 14 GB instead of 28), rounded as the learner's own matmuls round them. LoRA
-        adapters stay fp32: the runners merge them into fp32 base weights."""
+        model: 14 GB instead of 28); a runner that keeps fp32 weights (`vllm.dtype: float32`,
+        or a CPU without native bf16) samples from the bf16-rounded ones. LoRA adapters are
+        not cast: the runners merge them into their base weights."""
         module = self._rl_module()
         if module.lora:
             return torch.float32

@@ -278,12 +278,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def success_gain(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+def success_gain(before: dict[str, float], after: dict[str, float]) -> tuple[float, float | None]:
     """The change in success rate from `before` to `after` (evaluation results with
     `success_rate` and `episodes`) and its binomial standard error, the two rates counted as
-    independent samples: sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)."""
+    independent samples: sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2); None without episodes."""
     p1, n1 = before["success_rate"], before["episodes"]
     p2, n2 = after["success_rate"], after["episodes"]
+    if not n1 or not n2:
+        return p2 - p1, None
     return p2 - p1, math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
 
 

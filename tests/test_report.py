@@ -180,3 +180,5 @@ def test_success_gain_and_its_binomial_standard_error():
     # More episodes, the same rates: a smaller error; no spread at 0 or 1.
     assert success_gain({"success_rate": 0.25, "episodes": 192}, {"success_rate": 0.5, "episodes": 192})[1] == pytest.approx(se / 2)
     assert success_gain({"success_rate": 0.0, "episodes": 10}, {"success_rate": 1.0, "episodes": 10}) == (1.0, 0.0)
+    # An evaluation that played nothing (every episode crashed) has no error to give.
+    assert success_gain({"success_rate": 0.0, "episodes": 0}, {"success_rate": 0.5, "episodes": 8}) == (0.5, None)

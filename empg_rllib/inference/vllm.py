@@ -313,15 +313,16 @@ def _checkpoint_tensors(state_dict: Mapping[str, Any], names: set[str]) -> dict[
     tensors = {name: torch.as_tensor(value).detach() for name, value in state_dict.items()}
     kept = {name: t.contiguous() for name, t in tensors.items() if not names or name in names}
     # A tied head is not in the checkpoint: it shares the embeddings' storage, or, after Ray
-    # serialised the state (which copies each tensor), their values.
-    storages = {t.untyped_storage().data_ptr() for t in kept.values()}
+    # serialised the state (or the learner cast it), their values.
+    embeddings = [t for name, t in kept.items() if name.endswith("embed_tokens.weight")]
 
-    def aliases_a_kept_tensor(t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in storages or any(
-            k.shape == t.shape and torch.equal(k, t) for k in kept.values()
+    def tied_head(name: str, t: torch.Tensor) -> bool:
+        return name.endswith("lm_head.weight") and any(
+            e.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() or (e.shape == t.shape and torch.equal(e, t))
+            for e in embeddings
         )
 
-    unexpected = sorted(n for n, t in tensors.items() if n not in kept and not aliases_a_kept_tensor(t))
+    unexpected = sorted(n for n, t in tensors.items() if n not in kept and not tied_head(n, t))
     missing = sorted(names - set(kept))
     if unexpected or missing:
         raise ValueError(

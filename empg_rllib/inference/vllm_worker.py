@@ -6,6 +6,7 @@ import this module, so it may import vLLM at the top.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -87,14 +88,38 @@ class WeightLoader:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
+        model = self.model_runner.get_model()
+        tied = _tied_layers(model)
+        _quiet_expected_warnings(model, tied)
         # In checkpoint format: the CPU backend repacks Linear weights after loading, and
         # reload_weights runs that processing again.
         self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
-        for head in _tied_layers(self.model_runner.get_model()):
+        for head in tied:
             # A head tied to the embeddings loads nothing itself, so reload_weights does not
             # process it again: on CPU it kept the GEMM weights packed from the old embeddings
             # (measured: log-probs 1.9-2.2 nats off after a sync). On GPU this is a no-op.
             head.quant_method.process_weights_after_loading(head)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, messages: set[str]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.messages
+
+
+def _quiet_expected_warnings(model: torch.nn.Module, tied: list[torch.nn.Module]) -> None:
+    """vLLM warns "<layer>: Failed to load weights" on every load for each layer that has no
+    weights in a checkpoint: a tied head (processed after the load) and a layer of computed
+    buffers only (the rotary embedding's cos/sin cache). Expected, so not said: a real miss is
+    an error before the load (vllm._checkpoint_tensors)."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if any(isinstance(f, _DropMessages) for f in logger.filters):
+        return
+    computed = [m for m in model.modules() if not m._parameters and m._buffers]
+    logger.addFilter(_DropMessages({f"{type(layer).__name__}: Failed to load weights" for layer in (*tied, *computed)}))
 
 
 def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
