@@ -110,7 +110,7 @@ def test_check_config_names_the_problem_without_making_the_env():
     envs.check_config("twx/coin", game_params={"numLocations": 3})
     with pytest.raises(envs.UnknownEnvError, match="Did you mean 'alfworld'"):
         envs.check_config("alfwrld")
-    with pytest.raises(envs.EnvConfigError, match=r"bad env_config key 'topk'; it takes: split, max_turns, top_k, step_latency_ms"):
+    with pytest.raises(envs.EnvConfigError, match=r"bad env_config key 'topk'; it takes: split, max_turns, top_k, action_choices, step_latency_ms"):
         envs.check_config("deepsearch", topk=2)
     with pytest.raises(envs.EnvConfigError, match="split must be one of"):
         envs.check_config("alfworld", split="valid")
