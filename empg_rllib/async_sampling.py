@@ -7,8 +7,9 @@ reorder buffer), so no task is lost or trained twice, across a checkpoint and re
 the sequence of trained tasks does not depend on timing unless a group is dropped as stale
 (which groups go stale does). A group is dropped whole, and counted, when a member is missing
 (its environment crashed on every retry) or when its oldest turn is more than `max_policy_lag`
-weight versions older than the policy about to train on it. New weights are posted on a `WeightsBoard`, which every runner reads between
-engine batches: weights reach runners between turns, without stopping them.
+weight versions older than the policy about to train on it. New weights are posted on a
+`WeightsBoard`, which every runner reads between engine batches: weights reach runners between
+turns, without stopping them.
 
 `GroupQueue` is plain Python; the Ray glue is the board and `AsyncSampler`.
 """

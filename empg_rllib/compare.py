@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from empg_rllib.experiment import ConfigError, Experiment, validate
+from empg_rllib.report import mean_std
 from empg_rllib.sweep import base_experiment, read_file, with_values
 
 #: The arms of the paper's comparison, as experiment overrides.
@@ -187,7 +187,8 @@ def run(
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": values}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "seeds": values}
 
 
 def summary(comparison: Comparison, results: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:

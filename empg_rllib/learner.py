@@ -266,10 +266,9 @@ class EMPGTorchLearner(TorchLearner):
         """The module's full weights (after `gather_weights`), on the host; given `dtype`, the
         floating-point ones cast to it on the learner's device first, so that the host never
         holds the fp32 copy."""
-        module = self._rl_module()
-        if dtype is None or module.lora:  # a LoRA module's state is its adapters, not cast
-            return module.get_state()
-        return {k: cast_floats(v.detach(), dtype).cpu() for k, v in module.state_dict().items()}
+        if dtype is None:
+            return self._rl_module().get_state()
+        return {k: cast_floats(v.detach(), dtype).cpu() for k, v in self._rl_module().state_dict().items()}
 
     def publish_weights(self, to_object_store: bool) -> tuple[int, Any] | None:
         """Rank 0: (weights version, full weights), the weights put into Ray's object store
@@ -277,24 +276,23 @@ class EMPGTorchLearner(TorchLearner):
         through the driver's memory. Other ranks: None. Call after `gather_weights`."""
         if self.rank != 0:
             return None
-        dtype = self.published_dtype()
-        weights = self.full_state_dict(None if dtype == torch.float32 else dtype)
+        weights = self.full_state_dict(self.published_dtype())
         if to_object_store:
             import ray
 
             weights = ray.put(weights)
         return self._weights_seq_no, weights
 
-    def published_dtype(self) -> torch.dtype:
-        """The precision the runners get the weights in: the one this learner computes in. With
+    def published_dtype(self) -> torch.dtype | None:
+        """The precision the runners get the weights in (None: as the module holds them): the
+        one this learner computes in. With
         bf16 compute the fp32 master weights go out as bf16, half the bytes of every sync (a 7B
         model: 14 GB instead of 28); a runner that keeps fp32 weights (`vllm.dtype: float32`,
         or a CPU without native bf16) samples from the bf16-rounded ones. LoRA adapters are
         not cast: the runners merge them into their base weights."""
         module = self._rl_module()
-        if module.lora:
-            return torch.float32
-        return resolve_dtype(module.dtype_requested, self._device, "learner")
+        dtype = resolve_dtype(module.dtype_requested, self._device, "learner")
+        return None if module.lora or dtype == torch.float32 else dtype
 
     def save_backend_state(self, path: str) -> None:
         """Write what RLlib's checkpoint (learner 0's state) does not hold; every learner calls it

@@ -159,8 +159,7 @@ class DeepSearchEnv(TextEnv):
         if not self.action_choices:
             return None
         q = self.question
-        nouns = [RELATIONS_BY_NAME[r].noun for r in q.relations]
-        nouns = [n for i, n in enumerate(nouns) if n not in nouns[:i]]
+        nouns = list(dict.fromkeys(RELATIONS_BY_NAME[r].noun for r in q.relations))
         named = list(dict.fromkeys(e for p in self._retrieved for e in (p.fact[0], p.fact[2])))
         met = list(dict.fromkeys([q.start, *named]))
         return [f"search[{noun} of {e}]" for e in met for noun in nouns] + [f"answer[{e}]" for e in named]
