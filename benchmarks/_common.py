@@ -32,3 +32,25 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def random_rows(
+    rows: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (3, 12), response: tuple[int, int] = (1, 7)
+) -> dict[str, Any]:
+    """Random token rows in the learner's layout: prompt and response lengths drawn from
+    [low, high), left-padded, responses right-aligned, ids >= 5."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(*prompt, rows)
+    responses = rng.integers(*response, rows)
+    width = int((prompts + responses).max())
+    ids = np.zeros((rows, width), dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    resp = np.zeros((rows, width - 1), dtype=np.float32)
+    for r in range(rows):
+        n = prompts[r] + responses[r]
+        ids[r, width - n :] = rng.integers(5, vocab, n)
+        mask[r, width - n :] = 1
+        resp[r, width - 1 - responses[r] :] = 1.0
+    return {"input_ids": ids, "attention_mask": mask, "resp_mask": resp}

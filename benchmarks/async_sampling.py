@@ -42,12 +42,13 @@ ENV_CONFIGS = {"deepsearch": {}, "alfworld": DEMO_GAMES}
 
 
 def in_runner(env_id: str, conversations: int, latency_ms: float, workers: list[int], repeats: int) -> dict[str, Any]:
-    import envs
-    from empg_rllib.inference.base import SamplingParams
-    from empg_rllib.inference.hf import HFEngine
-    from empg_rllib.models import resolve_model
-    from empg_rllib.prompting import PromptConfig
-    from empg_rllib.rollout import EpisodeRequest, RolloutStats, run_episodes
+    import empg_envs
+    from empg_rllib.config.prompt import PromptConfig
+    from empg_rllib.core.records import EpisodeRequest, RolloutStats
+    from empg_rllib.sampling.engines.base import SamplingParams
+    from empg_rllib.sampling.engines.hf import HFEngine
+    from empg_rllib.sampling.rollout import run_episodes
+    from empg_rllib.workflows.models import resolve_model
 
     engine = HFEngine.from_pretrained(resolve_model("tiny:"), seed=0)
     config = PromptConfig(think=False, history_turns=1, list_admissible_actions=False)
@@ -59,7 +60,7 @@ def in_runner(env_id: str, conversations: int, latency_ms: float, workers: list[
         requests = [EpisodeRequest(seed=1000 * repeat + i) for i in range(conversations)]
         run_episodes(
             engine, engine.tokenizer,
-            lambda: pool.pop() if pool else envs.make(
+            lambda: pool.pop() if pool else empg_envs.make(
                 env_id, max_turns=10, step_latency_ms=latency_ms, **ENV_CONFIGS[env_id]
             ),
             requests, params, config, max_concurrent=conversations, stats=stats, keep_envs=pool,
@@ -102,9 +103,9 @@ def in_runner(env_id: str, conversations: int, latency_ms: float, workers: list[
 
 def run_iterations(overrides: dict[str, Any], iterations: int, run_dir: str) -> list[float]:
     """Wall seconds of each training iteration of the demo's ALFWorld setup with `overrides`."""
-    from empg_rllib.experiment import validate
-    from empg_rllib.models import resolve_model
-    from empg_rllib.training import build_algorithm
+    from empg_rllib.config.loading import validate
+    from empg_rllib.workflows.models import resolve_model
+    from empg_rllib.workflows.training import build_algorithm
 
     base = {
         "env": "alfworld", "env_config": {**DEMO_GAMES, "expert": "explorer"}, "max_turns": 10, "history_turns": 1,
@@ -127,7 +128,7 @@ def run_iterations(overrides: dict[str, Any], iterations: int, run_dir: str) -> 
 def across_runners(iterations: int, run_dir: str, latency_ms: float) -> dict[str, Any]:
     """Sync vs async with 2 env runners, on ALFWorld as it is and with `latency_ms` added to
     each step (a slow tool: the sampling phase then leaves the CPU idle, which async fills)."""
-    from empg_rllib.training import ray_session
+    from empg_rllib.workflows.session import ray_session
 
     out: dict[str, Any] = {"env_runners": 2, "iterations": iterations, "settings": []}
     with ray_session(num_cpus=3):
@@ -148,7 +149,7 @@ def across_runners(iterations: int, run_dir: str, latency_ms: float) -> dict[str
 
 
 def iteration_curves(iterations: int, run_dir: str) -> dict[str, Any]:
-    from empg_rllib.training import ray_session
+    from empg_rllib.workflows.session import ray_session
 
     out: dict[str, Any] = {"group_size": {}, "max_turns": {}}
     with ray_session(num_cpus=2):

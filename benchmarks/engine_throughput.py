@@ -54,7 +54,7 @@ def flops_per_token(config: Any, context: float) -> float:
 
 
 def agent_prompts(tokenizer: Any, batch: int) -> list[list[int]]:
-    from empg_rllib.prompting import build_prompt_ids
+    from empg_rllib.sampling.prompting import build_prompt_ids
 
     return [
         build_prompt_ids(
@@ -93,9 +93,10 @@ def runner_overhead(engine: Any, tokenizer: Any, episodes: int, repeats: int, en
     """ALFWorld turns through `run_episodes` (prompts, parsing, env steps on `env_workers`
     threads, or in lock-step for 0) vs the engine alone generating the same batches of the same
     prompts."""
-    import envs
-    from empg_rllib.inference.base import SamplingParams
-    from empg_rllib.rollout import EpisodeRequest, RolloutStats, run_episodes
+    import empg_envs
+    from empg_rllib.core.records import EpisodeRequest, RolloutStats
+    from empg_rllib.sampling.engines.base import SamplingParams
+    from empg_rllib.sampling.rollout import run_episodes
 
     params = SamplingParams(max_new_tokens=32, temperature=1.0)
     full, alone = [], []
@@ -104,7 +105,7 @@ def runner_overhead(engine: Any, tokenizer: Any, episodes: int, repeats: int, en
         requests = [EpisodeRequest(seed=1000 * r + i) for i in range(episodes)]
         start = time.perf_counter()
         run_episodes(
-            recorder, tokenizer, lambda: envs.make("alfworld", split="train", max_turns=10), requests, params,
+            recorder, tokenizer, lambda: empg_envs.make("alfworld", split="train", max_turns=10), requests, params,
             max_concurrent=episodes, stats=stats, env_workers=env_workers,
         )
         full.append(time.perf_counter() - start)
@@ -136,11 +137,11 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from empg_rllib import models
-    from empg_rllib.inference.base import SamplingParams
-    from empg_rllib.inference.hf import HFEngine
-    from empg_rllib.inference.vllm import VLLMEngine, cpu_cores_for
-    from empg_rllib.precision import cpu_bf16_flags
+    from empg_rllib.core.precision import cpu_bf16_flags
+    from empg_rllib.sampling.engines.base import SamplingParams
+    from empg_rllib.sampling.engines.hf import HFEngine
+    from empg_rllib.sampling.engines.vllm import VLLMEngine, cpu_cores_for
+    from empg_rllib.workflows import models
 
     hf_logging.disable_progress_bar()
     gflops = matmul_gflops(f"{torch.get_num_threads()} threads")

@@ -23,13 +23,13 @@ SPLITS = ("train", "eval_seen", "eval_unseen")
 
 
 def measure(env_id: str, episodes: int) -> dict:
-    import envs
+    import empg_envs
 
     row: dict = {"env": env_id, "splits": {}}
     reset_times, step_times = [], []
     for split in SPLITS:
         start = time.perf_counter()
-        env = envs.make(env_id, split=split)
+        env = empg_envs.make(env_id, split=split)
         make_s = time.perf_counter() - start
         wins: dict[str, list[bool]] = defaultdict(list)
         turns = []
@@ -39,7 +39,7 @@ def measure(env_id: str, episodes: int) -> dict:
             reset_times.append(time.perf_counter() - t0)
             done, n = False, 0
             while not done:
-                action = envs.expert_action(env)
+                action = empg_envs.expert_action(env)
                 t0 = time.perf_counter()
                 _, _, terminated, truncated, info = env.step(action)
                 step_times.append(time.perf_counter() - t0)

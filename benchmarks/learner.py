@@ -26,14 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, write  # noqa: E402
+from _common import RESULTS, random_rows, write  # noqa: E402
 
 PARTS = ("overhead", "backends", "memory", "lora")
 QWEN_VOCAB = 151_936
@@ -41,8 +42,6 @@ QWEN_VOCAB = 151_936
 
 def synthetic_batch(rows: int, vocab: int) -> dict[str, np.ndarray]:
     """Rows of agent-turn shape: 96-159 prompt tokens, a 16-47-token response."""
-    from empg_rllib.batch import random_rows
-
     return random_rows(rows, vocab, prompt=(96, 160), response=(16, 48))
 
 
@@ -60,8 +59,8 @@ def timed(func: Callable[[], Any]) -> float:
 
 
 def build(model_path: str, run_dir: str, **overrides: Any) -> Any:
-    from empg_rllib.experiment import validate
-    from empg_rllib.training import build_algorithm
+    from empg_rllib.config.loading import validate
+    from empg_rllib.workflows.training import build_algorithm
 
     base = {
         "env": "deepsearch",
@@ -168,7 +167,7 @@ BACKENDS = [
 
 
 def backends(model_path: str, repeats: int, rows: int) -> list[dict[str, Any]]:
-    from empg_rllib.experiment import ConfigError
+    from empg_rllib.config.schema import ConfigError
 
     vocab = json.loads((Path(model_path) / "config.json").read_text())["vocab_size"]
     out = []
@@ -212,8 +211,8 @@ def memory_child(variant: str, rows: int, length: int, response: int) -> dict[st
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from empg_rllib.losses import token_logprobs_and_entropy
-    from empg_rllib.scoring import position_ids, response_scores
+    from empg_rllib.core.losses import token_logprobs_and_entropy
+    from empg_rllib.core.scoring import position_ids, response_scores
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -361,11 +360,12 @@ def main() -> None:
         print(json.dumps(memory_child(variant, *map(int, sizes))))
         return
 
-    from empg_rllib import models, precision
-    from empg_rllib.cli import _quiet_libraries
-    from empg_rllib.training import ray_session
+    from empg_rllib.core import precision
+    from empg_rllib.workflows import models
+    from empg_rllib.workflows.library_logs import quiet_libraries
+    from empg_rllib.workflows.session import ray_session
 
-    _quiet_libraries()
+    quiet_libraries()
 
     model_path = str(models.resolve_model(args.model))
     results: dict[str, Any] = {"model": args.model, "cpu_bf16": precision.cpu_bf16_flags(), "dtype": "float32"}

@@ -1,6 +1,6 @@
 """Text agent environments behind one gymnasium protocol (no Ray, no empg_rllib)."""
 
-from envs.core import (
+from empg_envs.core import (
     SPLITS,
     EnvConfigError,
     EnvCrashed,
@@ -9,13 +9,13 @@ from envs.core import (
     TextEnv,
     UnknownEnvError,
 )
-from envs.registry import check_config, expert_action, list, make, register
+from empg_envs.registry import check_config, expert_action, list, make, register
 
-register("alfworld", "envs.alfworld.env:AlfWorldEnv")
-register("webshop", "envs.webshop.env:WebShopEnv")
-register("webshop-server", "envs.webshop.client:WebShopServerEnv")
-register("deepsearch", "envs.deepsearch.env:DeepSearchEnv")
-register("twx/", "envs.twx:TextWorldExpressEnv", prefix=True)
+register("alfworld", "empg_envs.alfworld.env:AlfWorldEnv")
+register("webshop", "empg_envs.webshop.env:WebShopEnv")
+register("webshop-server", "empg_envs.webshop.client:WebShopServerEnv")
+register("deepsearch", "empg_envs.deepsearch.env:DeepSearchEnv")
+register("twx/", "empg_envs.twx:TextWorldExpressEnv", prefix=True)
 
 __all__ = [
     "SPLITS",

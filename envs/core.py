@@ -46,7 +46,7 @@ class EnvConfigError(EnvError, ValueError):
 class EnvCrashed(EnvError, RuntimeError):
     """The engine behind an environment died (JVM, planner, server).
 
-    The environment is unusable afterwards; recover by making a new one with `envs.make`.
+    The environment is unusable afterwards; recover by making a new one with `empg_envs.make`.
     """
 
 
@@ -78,7 +78,7 @@ class TextEnv(gym.Env):
     def check_config(cls, **env_config: Any) -> None:
         """Check the env_config values given, starting nothing (no engine, JVM or catalogue).
 
-        Raises EnvConfigError naming the key. `envs.check_config` calls this before a run
+        Raises EnvConfigError naming the key. `empg_envs.check_config` calls this before a run
         starts, so that a typo fails at once and not inside a worker; a subclass extends it
         with its own cheap checks. Keys that are absent are not checked.
         """

@@ -16,11 +16,12 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 
-from envs.core import EnvConfigError, EnvError, StepLatency, UnknownEnvError
+from empg_envs.core import EnvConfigError, EnvError, StepLatency, UnknownEnvError
 
 EnvFactory = Callable[..., gym.Env]
 
@@ -81,7 +82,7 @@ def _target(entry_point: Registration) -> str:
     return f"{entry_point.__module__}:{entry_point.__qualname__}"
 
 
-def list() -> list[str]:  # noqa: A001 - the protocol names it envs.list()
+def list() -> list[str]:  # noqa: A001 - the protocol names it empg_envs.list()
     """Known env ids, installed packages' included; prefix ids are shown as 'twx/<game>'."""
     load_entry_points()
     return sorted(_REGISTRY) + sorted(p + "<game>" for p in _PREFIXES)

@@ -23,7 +23,7 @@ from typing import Any
 from py4j.protocol import Py4JError
 from textworld_express import TextWorldExpressEnv as _TWXEngine
 
-from envs.core import EnvConfigError, EnvCrashed, TextEnv
+from empg_envs.core import EnvConfigError, EnvCrashed, TextEnv
 
 GAMES: tuple[str, ...] = (
     "cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays",
@@ -67,6 +67,7 @@ def _params_string(game_params: str | dict[str, Any]) -> str:
 
 class TextWorldExpressEnv(TextEnv):
     """One TWX game; see the module docstring for splits, reward and expert."""
+
 
     task_types = GAMES
 

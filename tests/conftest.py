@@ -1,4 +1,20 @@
-"""Test-wide hygiene: every temp file of Ray, vLLM, the JVM and torch stays in one temp dir."""
+"""Test-wide hygiene and markers.
+
+Every temp file of Ray, vLLM, the JVM and torch stays in one temp dir, made when pytest starts
+(`pytest_configure`, before any test module imports torch or Ray) and removed when it ends.
+
+Markers (registered in pyproject.toml):
+- `ray`: starts Ray. Added here to every test that uses a Ray fixture (RAY_FIXTURES), directly
+  or through another fixture; set by hand on the few that start Ray otherwise.
+- `vllm`, `jvm`, `deepspeed`: starts a vLLM engine, JVMs (TextWorld-Express), a DeepSpeed
+  learner; set by hand.
+- `heavy`: takes more than a few seconds without Ray. Added here to every test that uses the
+  offline tiny model (HEAVY_FIXTURES: built once per session, ~20 s of one core) or is marked
+  `vllm` or `jvm`; set by hand on tests that build or train models or play many games.
+- `slow`: long-running (minutes); set by hand.
+
+Everything without Ray, in about a minute: pytest -m "not ray and not slow and not heavy".
+"""
 
 from __future__ import annotations
 
@@ -6,45 +22,75 @@ import os
 import shutil
 import tempfile
 
-_ROOT = tempfile.mkdtemp(prefix="empg-tests-")
-_ENV = {
-    "EMPG_CACHE_DIR": os.path.join(_ROOT, "cache"),
-    "RAY_TMPDIR": os.path.join(_ROOT, "ray"),
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_RPC_BASE_PATH": os.path.join(_ROOT, "vllm-rpc"),
-    "VLLM_CACHE_ROOT": os.path.join(_ROOT, "vllm-cache"),
-    "VLLM_NO_USAGE_STATS": "1",
-    "EMPG_SHM_DIR": os.path.join(_ROOT, "shm"),
-    "DO_NOT_TRACK": "1",
-    "TORCH_EXTENSIONS_DIR": os.path.join(_ROOT, "torch-ext"),
-    "TORCHINDUCTOR_CACHE_DIR": os.path.join(_ROOT, "inductor"),
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # Importing alfworld creates ~/.cache/alfworld unless this is set; the env ignores a folder
-    # without the official json_2.1.1/ layout, so an empty temp dir is safe.
-    "ALFWORLD_DATA": os.path.join(_ROOT, "alfworld-data"),
-    "JAVA_TOOL_OPTIONS": f"-XX:-UsePerfData -Djava.io.tmpdir={_ROOT}",
-}
-for _key, _value in _ENV.items():
-    os.environ[_key] = _value
-for _key in ("EMPG_CACHE_DIR", "RAY_TMPDIR", "VLLM_RPC_BASE_PATH", "EMPG_SHM_DIR"):
-    os.makedirs(os.environ[_key], exist_ok=True)
-os.environ["TMPDIR"] = _ROOT
+import pytest
+
+#: Fixtures that start (or join) a Ray cluster: a test that uses one, directly or through
+#: another fixture, is marked `ray`.
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_with_doubles", "cluster", "ray_start_head"})
+
+#: Fixtures that make a test `heavy`: the offline tiny model, built once per test session.
+HEAVY_FIXTURES = frozenset({"tiny_model", "model_path"})
+#: Markers that imply `heavy`.
+HEAVY_MARKERS = ("vllm", "jvm")
+
+_ROOT = pytest.StashKey[str]()
 
 
-def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook signature
-    shutil.rmtree(_ROOT, ignore_errors=True)
+def _environment(root: str) -> dict[str, str]:
+    return {
+        "EMPG_CACHE_DIR": os.path.join(root, "cache"),
+        "RAY_TMPDIR": os.path.join(root, "ray"),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_RPC_BASE_PATH": os.path.join(root, "vllm-rpc"),
+        "VLLM_CACHE_ROOT": os.path.join(root, "vllm-cache"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "EMPG_SHM_DIR": os.path.join(root, "shm"),
+        "DO_NOT_TRACK": "1",
+        "TORCH_EXTENSIONS_DIR": os.path.join(root, "torch-ext"),
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Importing alfworld creates ~/.cache/alfworld unless this is set; the env ignores a
+        # folder without the official json_2.1.1/ layout, so an empty temp dir is safe.
+        "ALFWORLD_DATA": os.path.join(root, "alfworld-data"),
+        "JAVA_TOOL_OPTIONS": f"-XX:-UsePerfData -Djava.io.tmpdir={root}",
+        "TMPDIR": root,
+    }
 
 
-import pytest  # noqa: E402 - the environment above must be set before anything imports torch
+def pytest_configure(config: pytest.Config) -> None:
+    """Point every library's temp and cache directories into one fresh temp root. Runs before
+    collection, so before any test module imports torch, Ray or vLLM."""
+    root = tempfile.mkdtemp(prefix="empg-tests-")
+    config.stash[_ROOT] = root
+    os.environ.update(_environment(root))
+    for key in ("EMPG_CACHE_DIR", "RAY_TMPDIR", "VLLM_RPC_BASE_PATH", "EMPG_SHM_DIR"):
+        os.makedirs(os.environ[key], exist_ok=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:  # noqa: ARG001 - hook signature
+    root = session.config.stash.get(_ROOT, None)
+    if root:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # noqa: ARG001
+    """Mark `ray` every test that starts Ray through a fixture (its own or one it depends on),
+    and `heavy` every test that needs the tiny model or is marked `vllm` or `jvm`."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if fixtures & HEAVY_FIXTURES or any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+            item.add_marker(pytest.mark.heavy)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray for the tests of one module."""
-    from empg_rllib.training import ray_session
+    from empg_rllib.workflows.session import ray_session
 
     with ray_session(num_cpus=2):
         yield
@@ -53,7 +99,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def model_path(tiny_model):
     """The offline tiny model's directory."""
-    from empg_rllib import models
+    from empg_rllib.workflows import models
 
     return str(models.resolve_model("tiny:"))
 
@@ -61,6 +107,6 @@ def model_path(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_model():
     """(tokenizer, model) of the offline tiny model, built once per test session."""
-    from empg_rllib import models
+    from empg_rllib.workflows import models
 
     return models.load("tiny:")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from envs import EnvConfigError, EnvCrashed, TextEnv
+from empg_envs import EnvConfigError, EnvCrashed, TextEnv
 
 ERROR_PLACES = (None, "reset", "step")
 
@@ -82,6 +82,6 @@ class FailOnceEnv(FaultyEnv):
 def register_doubles() -> None:
     """Register FailOnceEnv in this process; a Ray `worker_process_setup_hook`, so that Tune
     trials (each an actor of its own) know the id too."""
-    import envs
+    import empg_envs
 
-    envs.register(FAIL_ONCE, "tests.env_doubles:FailOnceEnv")
+    empg_envs.register(FAIL_ONCE, "tests.env_doubles:FailOnceEnv")

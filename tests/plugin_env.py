@@ -16,7 +16,7 @@ DISTRIBUTION = "empg-test-plugin"
 _SOURCE = '''
 """Say the word the instruction names: a one-turn task, cheap enough for cluster tests."""
 
-from envs import TextEnv
+from empg_envs import TextEnv
 
 WORDS = ("red", "green", "blue")
 

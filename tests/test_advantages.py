@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from empg_rllib.advantages import empg_modulate, empg_terms, group_advantages
+from empg_rllib.core.advantages import empg_modulate, empg_terms, group_advantages
 
 
 # ---- an independent, loop-based reading of EMPG.md, for cross-checking -----------------------
@@ -176,6 +176,11 @@ def test_std_normalize_gives_unit_std():
 def test_accepts_torch_tensors():
     adv = empg_modulate(torch.tensor([0.1, 0.9]), torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
     assert isinstance(adv, np.ndarray) and adv.shape == (2,)
+    # The same values as from plain lists, and the reference's (not merely an array of zeros).
+    expected = reference_empg([(0, 0, 0.1, 1.0), (0, 1, 0.9, 1.0)])
+    np.testing.assert_allclose(adv, empg_modulate([0.1, 0.9], [0, 0], [0, 1], [1.0, 1.0]), atol=1e-6)
+    np.testing.assert_allclose(adv, expected, atol=1e-6)
+    assert abs(adv[0] - adv[1]) > 0.1
 
 
 @pytest.mark.parametrize(
@@ -193,7 +198,7 @@ def test_empg_bad_input(args, message):
 
 
 def test_step_entropy_all_tokens_and_choice_tokens():
-    from empg_rllib.advantages import step_entropy
+    from empg_rllib.core.advantages import step_entropy
 
     entropy = np.array([[0.0, 2.0, 0.0, 0.0], [9.0, 1.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     resp = np.array([[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=np.float32)
@@ -208,7 +213,7 @@ def test_step_entropy_all_tokens_and_choice_tokens():
 
 
 def test_choice_mask_of_a_turn_batch():
-    from empg_rllib.batch import TurnBatch
+    from empg_rllib.core.batch import TurnBatch
 
     resp = np.array([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=np.float32)
     allowed = np.full((2, 3, 2), -1, dtype=np.int32)

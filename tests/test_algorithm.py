@@ -3,25 +3,19 @@ resume equivalence, env-runner death, crashed environments and non-finite losses
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from empg_rllib import models
-from empg_rllib.advantages import empg_modulate, group_advantages
-from empg_rllib.experiment import validate
-from empg_rllib.scoring import score_responses
-from empg_rllib.training import build_algorithm, latest_checkpoint, train
+from empg_rllib.core.advantages import empg_modulate, group_advantages
+from empg_rllib.core.scoring import score_responses
+from empg_rllib.workflows import models
+from empg_rllib.workflows.runs import latest_checkpoint
+from empg_rllib.workflows.training import build_algorithm, train
+from tests.helpers import experiment, k3_by_hand, lm_weights
 
-SMALL = {
-    "tasks_per_batch": 2,
-    "group_size": 2,
-    "max_turns": 3,
-    "max_new_tokens": 12,
-    "micro_batch_size": 4,
-    "checkpoint_every": 0,
-    "iterations": 1,
-}
 ENVS = {"alfworld": {}, "webshop": {}, "deepsearch": {}, "twx/coin": {}}
 ALGORITHMS = {
     "grpo": {"loss": "grpo", "empg": {"enabled": False}, "kl_coef": 0.01},
@@ -30,45 +24,73 @@ ALGORITHMS = {
 }
 
 
-def experiment(tmp_path, **overrides):
-    return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
+def decided_by_sampled_tokens(algo) -> list:
+    """An outcome double for the untrained tiny model, which wins (almost) nothing, so that DAPO
+    would drop every group and no algorithm would have an advantage to learn from: the real
+    environment plays every training episode, then in each group the member(s) whose first
+    response has the smallest token ids win (score 1) and the others lose (score 0). Only a
+    group whose members all sampled the same first response keeps equal outcomes. Returns the
+    episodes as the environment played them."""
+    played: list = []
+    sample = algo.sample_episodes
 
+    def relabelled(requests, **kwargs):
+        episodes = sample(requests, **kwargs)
+        if kwargs.get("evaluation"):
+            return episodes
+        played.extend(episodes)
+        best: dict[str, tuple[int, ...]] = {}
+        for e in episodes:
+            first = tuple(e.turns[0].response_ids)
+            best[str(e.group)] = min(best.get(str(e.group), first), first)
+        return [
+            replace(e, won=tuple(e.turns[0].response_ids) == best[str(e.group)],
+                    score=float(tuple(e.turns[0].response_ids) == best[str(e.group)]))
+            for e in episodes
+        ]
 
-def lm_weights(algo) -> dict[str, torch.Tensor]:
-    module = algo.learner_group._learner.module["default_policy"]
-    return {k: v.detach().clone() for k, v in module.lm.state_dict().items()}
+    algo.sample_episodes = relabelled
+    return played
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env", list(ENVS))
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_one_iteration_every_algorithm_and_env(ray_cluster, model_path, tmp_path, env, name):
+    """Every algorithm updates the policy on every environment: outcomes that differ within each
+    group (decided_by_sampled_tokens) give every algorithm, DAPO's dynamic sampling included,
+    a non-zero advantage to learn from."""
     exp = experiment(tmp_path, env=env, **ALGORITHMS[name])
     algo = build_algorithm(exp, model_path)
     try:
+        played = decided_by_sampled_tokens(algo)
         before = lm_weights(algo)
         result = algo.train()
-        runners = result["env_runners"]
-        assert runners["num_episodes"] == exp.tasks_per_batch * exp.group_size
-        assert 0.0 <= runners["success_rate"] <= 1.0
-        changed = any(not torch.equal(before[k], v) for k, v in lm_weights(algo).items())
-        if result.get("dropped_groups") == exp.tasks_per_batch:
-            # DAPO's dynamic sampling dropped every group (all rewards equal): no update.
-            assert not changed and "train_turns" not in result
-            return
-        assert result["sampler_learner_logp_gap_mean"] < 1e-3  # same fp32 weights on both sides
-        # The policy moves exactly when some step carries a non-zero advantage (with KL to the
-        # initial policy alone, the gradient at the initial weights is zero).
-        assert changed == (result["advantage_abs_mean"] > 1e-9)
+        after = lm_weights(algo)
     finally:
         algo.stop()
+    runners = result["env_runners"]
+    assert runners["num_episodes"] == len(played) == exp.tasks_per_batch * exp.group_size
+    # The runners' success rate is the environment's own outcome of the episodes played.
+    assert runners["success_rate"] == pytest.approx(np.mean([e.won for e in played]))
+    if exp.loss == "dapo":
+        assert result["dropped_groups"] == 0  # every group has a winner and a loser
+    assert result["train_turns"] == sum(len(e.turns) for e in played)
+    assert result["sampler_learner_logp_gap_mean"] < 1e-3  # same fp32 weights on both sides
+    assert result["advantage_abs_mean"] > 1e-3
+    assert result["learners"]["default_policy"]["optimizer_steps"] == 1
+    assert result["learners"]["default_policy"]["skipped_update"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    assert all(torch.isfinite(v).all() for v in after.values())
 
 
 def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
-    """The fast-suite version of the matrix above: EMPG with GRPO and KL on deepsearch."""
-    exp = experiment(tmp_path, env="deepsearch", kl_coef=0.01)
+    """The fast-suite version of the matrix above: EMPG with GRPO and KL on deepsearch, two
+    epochs over the batch so that the second step's policy is no longer the reference."""
+    exp = experiment(tmp_path, env="deepsearch", kl_coef=0.01, num_epochs=2)
     algo = build_algorithm(exp, model_path)
     try:
+        kl_parts = k3_by_hand(algo.learner_group._learner)
         result = algo.train()
     finally:
         algo.stop()
@@ -80,7 +102,15 @@ def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
     by_outcome = [result[k] for k in ("step_entropy_mean_success", "step_entropy_mean_failure") if k in result]
     assert by_outcome and np.all(np.isfinite(by_outcome))
     assert min(by_outcome) - 1e-9 <= result["step_entropy_mean"] <= max(by_outcome) + 1e-9
-    assert result["learners"]["default_policy"]["kl"] >= 0
+    # The logged KL is the k3 estimate from the log-probs each step trained on, per token and
+    # averaged over the steps: 0 in the first (the policy is the reference), > 0 in the second.
+    stats = result["learners"]["default_policy"]
+    assert stats["optimizer_steps"] == 2 and len(kl_parts) % 2 == 0
+    half = len(kl_parts) // 2
+    per_step = [sum(k for k, _ in part) / sum(n for _, n in part) for part in (kl_parts[:half], kl_parts[half:])]
+    assert per_step[0] == pytest.approx(0.0, abs=1e-9)
+    assert per_step[1] > 1e-3  # ~5e-2 here: one step at lr 1e-4 from the reference
+    assert stats["kl"] == pytest.approx(np.mean(per_step), rel=1e-3, abs=1e-7)  # float32 sums
 
 
 def test_constrained_actions_are_scored_as_sampled(ray_cluster, model_path, tmp_path):

@@ -3,17 +3,19 @@ async off = the synchronous algorithm, and resume without losing or repeating a 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from empg_rllib.algorithm import EMPG
-from empg_rllib.async_sampling import GroupQueue
-from empg_rllib.experiment import ConfigError
-from empg_rllib.losses import policy_loss, truncated_importance_weight
-from empg_rllib.rollout import Episode, EpisodeRequest, Turn
-from empg_rllib.training import build_algorithm
-from tests.test_algorithm import experiment, lm_weights
+from empg_rllib.algorithm.empg import EMPG
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.core.losses import policy_loss, truncated_importance_weight
+from empg_rllib.core.records import Episode, EpisodeRequest, Turn
+from empg_rllib.sampling.async_sampling import GroupQueue
+from empg_rllib.workflows.training import build_algorithm
+from tests.helpers import experiment, lm_weights
 
 ASYNC = {"env": "deepsearch", "num_env_runners": 2, "env_workers": 2}
 
@@ -81,13 +83,17 @@ def train(exp, model_path, iterations: int) -> list[dict]:
         algo.stop()
 
 
-def trained_groups(monkeypatch) -> list[list[tuple[str, int]]]:
-    """Record the (group, task seed) pairs of every batch an async run trains on."""
+def trained_groups(monkeypatch, spans: list | None = None) -> list[list[tuple[str, int]]]:
+    """Record the (group, task seed) pairs of every batch an async run trains on, and in `spans`
+    when each wait for a batch started and ended (time.perf_counter)."""
     batches: list[list[tuple[str, int]]] = []
     original = EMPG._sample_async
 
     def recording(self):
+        started = time.perf_counter()
         episodes = original(self)
+        if spans is not None:
+            spans.append((started, time.perf_counter()))
         batches.append(list(dict.fromkeys((str(e.group), e.seed) for e in episodes)))
         return episodes
 
@@ -99,7 +105,8 @@ def trained_groups(monkeypatch) -> list[list[tuple[str, int]]]:
 def test_async_run_records_policy_lag_and_resumes_without_loss_or_repetition(
     ray_cluster, model_path, tmp_path, monkeypatch
 ):
-    batches = trained_groups(monkeypatch)
+    spans: list[tuple[float, float]] = []
+    batches = trained_groups(monkeypatch, spans)
     exp = experiment(tmp_path, **ASYNC, **{"async": {"enabled": True, "max_policy_lag": 10}})
     results = train(exp, model_path, 3)
     uninterrupted = [g for batch in batches for g in batch]
@@ -107,7 +114,12 @@ def test_async_run_records_policy_lag_and_resumes_without_loss_or_repetition(
     for updates_before, result in enumerate(results):
         # No turn comes from a policy newer than the learner's, nor older than its first.
         assert 0 <= result["policy_lag_mean"] <= result["policy_lag_max"] <= updates_before
-        assert np.isfinite(result["is_weight_mean"]) and 0.0 <= result["learner_idle_fraction"] <= 1.0
+        # Decoupled PPO's weight is truncated at the cap.
+        assert 0.0 < result["is_weight_mean"] <= exp.async_.is_weight_cap
+    # The learner's idle fraction: the wait for this batch over the time since the last one.
+    assert len(spans) == 3
+    for (_, last), (started, got), result in zip(spans, spans[1:], results[1:]):
+        assert result["learner_idle_fraction"] == pytest.approx((got - started) / (got - last), abs=0.02)
     assert results[-1]["env_runners"]["num_stale_groups_dropped_lifetime"] == 0
 
     batches.clear()

@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 from empg_rllib.cli import main
-from empg_rllib.progress import SamplingProgress, TerminalProgress
-from empg_rllib.training import check_run_dir, clear_run_dir
+from empg_rllib.sampling.progress import SamplingProgress, TerminalProgress
+from empg_rllib.workflows.runs import check_run_dir, clear_run_dir
 
 
 def earlier_run(run_dir, checkpoints=(1, 2)):
@@ -99,12 +99,12 @@ def test_sft_line_counts_steps_and_names_what_follows(display):
 NOISY = """
 import sys
 if sys.argv[1] == "quiet":
-    from empg_rllib.cli import _quiet_libraries
+    from empg_rllib.workflows.library_logs import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
 from ray.tune.utils import UtilMonitor
-from empg_rllib.algorithm import EMPGConfig
-from empg_rllib.experiment import validate
+from empg_rllib.algorithm.empg import EMPGConfig
+from empg_rllib.config.loading import validate
 
 config = EMPGConfig().experiment_from(validate({}), sys.argv[2])
 config.validate()  # the new-API-stack notice

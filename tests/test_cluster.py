@@ -18,17 +18,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from empg_rllib.experiment import validate
-from envs.registry import _REGISTRY
+from empg_envs.registry import _REGISTRY
+from empg_rllib.config.loading import validate
+from tests.helpers import SMALL
 from tests.plugin_env import ENV_ID, write_env_plugin
 
 TINY = {
+    **SMALL,
     "tasks_per_batch": 1,
-    "group_size": 2,
     "max_turns": 2,
     "max_new_tokens": 8,
-    "micro_batch_size": 4,
-    "checkpoint_every": 0,
     "iterations": 2,
     "evaluation": {"splits": ["eval_seen"], "episodes": 2},
 }
@@ -65,11 +64,12 @@ def loopback_only():
     os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
 
 
+@pytest.mark.ray
 def test_a_local_ray_keeps_worker_logs_where_it_was_told(tmp_path):
     """Before the tests that share the module's cluster: a joined Ray is not restarted."""
     import ray
 
-    from empg_rllib.training import ray_session
+    from empg_rllib.workflows.session import ray_session
 
     @ray.remote(num_cpus=0)
     def speak() -> None:
@@ -93,7 +93,7 @@ def test_train_refuses_a_dashboard_address_and_says_to_submit_a_job(tmp_path, mo
 
 
 def test_the_workers_environment_leaves_a_submitted_jobs_own_variables_alone(monkeypatch):
-    from empg_rllib.training import WORKER_ENV, _worker_env_beside_job
+    from empg_rllib.workflows.session import WORKER_ENV, _worker_env_beside_job
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert _worker_env_beside_job() == WORKER_ENV
@@ -109,7 +109,7 @@ def plugin_dir(tmp_path_factory):
 
 
 def live_nodes_or_none(url: str) -> list | None:
-    from empg_rllib.cluster import live_nodes
+    from empg_rllib.workflows.cluster import live_nodes
 
     try:
         return live_nodes(url)[0]
@@ -154,7 +154,7 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_start_head, plugin_dir, 
     --dry-run` against the running cluster, `ray job submit -- empg train` of a tiny run whose
     env comes from a package the job ships on PYTHONPATH (its runtime_env), and `empg eval` of
     its checkpoint as a second job."""
-    from empg_rllib.training import latest_checkpoint, load_checkpoint
+    from empg_rllib.workflows.runs import latest_checkpoint, load_checkpoint
 
     dashboard, gcs = ray_start_head
     experiment = tmp_path / "tiny.yaml"
@@ -207,7 +207,7 @@ def cluster(plugin_dir):
     on the driver's sys.path."""
     from ray.cluster_utils import Cluster
 
-    from empg_rllib.training import ray_session
+    from empg_rllib.workflows.session import ray_session
 
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(plugin_dir)
@@ -239,8 +239,8 @@ def cluster_experiment(tmp_path, **overrides):
 @pytest.mark.timeout(600)
 def test_actors_land_on_the_node_types_their_custom_resources_name(cluster, model_path, tmp_path):
     """About 45 s here, plus 20 s starting the four-node cluster."""
-    from empg_rllib.cluster import NodePathError, check_nodes_see
-    from empg_rllib.training import build_algorithm
+    from empg_rllib.workflows.cluster import NodePathError, check_nodes_see
+    from empg_rllib.workflows.training import build_algorithm
 
     _, runners, learner = cluster
     exp = cluster_experiment(
@@ -272,7 +272,7 @@ def test_actors_land_on_the_node_types_their_custom_resources_name(cluster, mode
 def test_a_node_removed_mid_run_costs_its_env_runners_a_restart_not_the_run(cluster, model_path, tmp_path):
     """About 45 s here on the cluster already started. Last in this module: the cluster keeps
     one gpu_runner node afterwards."""
-    from empg_rllib.training import build_algorithm
+    from empg_rllib.workflows.training import build_algorithm
 
     handle, runners, _ = cluster
     exp = cluster_experiment(tmp_path, num_env_runners=2, iterations=3, resources={"env_runner": RUNNER})

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from empg_rllib.experiment import load
-from empg_rllib.plan import fit_plan, nodes_of_cluster_config, plan_of
+from empg_rllib.config.loading import load
+from empg_rllib.config.resources import fit_plan, nodes_of_cluster_config, plan_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -36,7 +36,12 @@ def test_there_is_a_config_per_cloud_and_every_paper_run():
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
 def test_cluster_config_passes_the_autoscaler_schema(path):
-    validate_config(prepare_config(cluster(path)))
+    config = prepare_config(cluster(path))
+    validate_config(config)  # raises jsonschema.ValidationError (see the broken copies below)
+    assert config["provider"]["type"] == path.stem and config["head_node_type"] in config["available_node_types"]
+    # The custom resources the paper files' actors ask for are offered by some node type.
+    offered = {name for node in config["available_node_types"].values() for name in node.get("resources", {})}
+    assert {"vllm_runner", "ds_learner"} <= offered
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from empg_rllib import compare, training
-from empg_rllib.experiment import ConfigError
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.experiments import compare
+from empg_rllib.workflows import training
+from tests.helpers import SMALL
 
 BASE = {
-    "env": "deepsearch", "tasks_per_batch": 2, "group_size": 2, "max_turns": 2, "max_new_tokens": 8,
-    "micro_batch_size": 4, "iterations": 1, "checkpoint_every": 0,
+    **SMALL, "env": "deepsearch", "max_turns": 2, "max_new_tokens": 8,
     "evaluation": {"splits": ["eval_seen"], "episodes": 2},
 }
 
@@ -47,7 +48,7 @@ def test_comparison_runs_every_arm_and_seed_and_keeps_finished_runs(ray_cluster,
     assert sorted(results) == [("dapo+empg", 0), ("dapo+empg", 1), ("grpo", 0), ("grpo", 1)]
     table_path, report = compare.write_results(comparison, results)
     table = table_path.read_text()
-    assert "| grpo | " in table and "| dapo+empg | " in table and "(n=2)" in table
+    assert "| grpo | " in table and "| dapo+empg | " in table and " ± " in table
     assert report.exists() and (report.parent / "learning_curves.png").exists()
     cells = compare.summary(comparison, results)
     for arm in ("grpo", "dapo+empg"):
@@ -77,12 +78,15 @@ def test_the_table_adds_mean_scores_where_scores_give_partial_credit(tmp_path):
     binary = {("grpo", 0): evaluated(0.25, 0.25), ("grpo", 1): evaluated(0.5, 0.5),
               ("dapo+empg", 0): evaluated(0.0, 0.0), ("dapo+empg", 1): evaluated(0.25, 0.25)}
     table = compare.markdown(comparison, compare.summary(comparison, binary))
-    assert "| grpo | 37.5 ± 17.7% (n=2) |" in table and "score" not in table
+    assert "| grpo | 37.5% ± 17.7% |" in table and "score" not in table
+    one_seed_missing = {k: v for k, v in binary.items() if k != ("dapo+empg", 1)}
+    table = compare.markdown(comparison, compare.summary(comparison, one_seed_missing))
+    assert "| dapo+empg | 0.0% (1 of 2) |" in table
     partial = {**binary, ("grpo", 1): evaluated(0.5, 0.75)}
     table = compare.markdown(comparison, compare.summary(comparison, partial))
     header = [f"{split} success" for split in comparison.splits] + [f"{split} score" for split in comparison.splits]
     assert "| arm | " + " | ".join(header) + " |" in table
-    row = ["37.5 ± 17.7% (n=2)"] * len(comparison.splits) + ["0.500 ± 0.354 (n=2)"] * len(comparison.splits)
+    row = ["37.5% ± 17.7%"] * len(comparison.splits) + ["0.500 ± 0.354"] * len(comparison.splits)
     assert "| grpo | " + " | ".join(row) + " |" in table
 
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from empg_rllib.deepspeed_learner import deepspeed_config
-from empg_rllib.experiment import ConfigError, validate
-from empg_rllib.training import build_algorithm, latest_checkpoint, train
-from tests.test_learner import build, reduced, synthetic_batch, train_batch
+from empg_rllib.algorithm.deepspeed_learner import deepspeed_config
+from empg_rllib.config.loading import validate
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.workflows.runs import latest_checkpoint
+from empg_rllib.workflows.training import build_algorithm, train
+from tests.helpers import SMALL, build, reduced, synthetic_batch, train_batch
 
 SETTINGS = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2}
 
@@ -59,6 +61,7 @@ def check_against_torch(algo, reference) -> None:
             torch.testing.assert_close(rank_weights[name].float(), value, rtol=1e-3, atol=5e-5)
 
 
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_one_deepspeed_learner_trains_like_torch(ray_cluster, model_path, tmp_path, torch_reference, stage):
     algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": stage}}, **SETTINGS)
@@ -68,11 +71,13 @@ def test_one_deepspeed_learner_trains_like_torch(ray_cluster, model_path, tmp_pa
         algo.stop()
 
 
+@pytest.mark.deepspeed
 def test_zero3_on_one_learner_is_refused_before_training(ray_cluster, model_path, tmp_path):
     with pytest.raises(Exception, match="stage 3 with one learner"):
         build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 3}})
 
 
+@pytest.mark.deepspeed
 @pytest.mark.parametrize(
     "stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3]
 )
@@ -93,6 +98,7 @@ def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_
         algo.stop()
 
 
+@pytest.mark.deepspeed
 def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp_path):
     algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 2}}, micro_batch_size=2)
     try:
@@ -107,16 +113,17 @@ def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.deepspeed
 @pytest.mark.parametrize(("learners", "stage"), [(0, 2), pytest.param(2, 3, marks=pytest.mark.slow)])
 def test_deepspeed_resume_continues_exactly(ray_cluster, model_path, tmp_path, learners, stage):
     """As the torch learner's resume test: train 2 iterations with a checkpoint after each, drop
     the last, resume; the sharded optimizer state must bring back the same weights."""
     exp = validate({
-        "env": "deepsearch", "tasks_per_batch": 2, "group_size": 2, "max_turns": 2, "max_new_tokens": 8,
-        "micro_batch_size": 4, "iterations": 2, "checkpoint_every": 1, "run_dir": str(tmp_path), "lr": 1e-3,
+        **SMALL, "env": "deepsearch", "max_turns": 2, "max_new_tokens": 8, "iterations": 2, "checkpoint_every": 1,
+        "run_dir": str(tmp_path), "lr": 1e-3,
         "learner_backend": "deepspeed", "deepspeed": {"zero_optimization": {"stage": stage}}, "num_learners": learners,
     })
-    from empg_rllib.training import restore_checkpoint
+    from empg_rllib.workflows.runs import restore_checkpoint
 
     train(exp, model_path)
     run = tmp_path / exp.name

@@ -7,31 +7,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-import envs
-from empg_rllib.experiment import validate
-from empg_rllib.rollout import EnvFailure
-from empg_rllib.training import build_algorithm
+import empg_envs
+from empg_rllib.config.loading import validate
+from empg_rllib.core.records import EnvFailure
+from empg_rllib.workflows.training import build_algorithm
 from tests.env_doubles import FaultyEnv
-from tests.test_algorithm import SMALL as ALGORITHM_SMALL
-from tests.test_algorithm import lm_weights
+from tests.helpers import SMALL, lm_weights
 
 FAULTY = "test-faulty"
-SMALL = {**ALGORITHM_SMALL, "env": FAULTY, "max_turns": 2, "max_new_tokens": 8}
+FAULTY_SMALL = {**SMALL, "env": FAULTY, "max_turns": 2, "max_new_tokens": 8}
 
 
 @pytest.fixture(autouse=True)
 def faulty_env():
     """The test double registered in this process, its count of environments made reset."""
-    from envs.registry import _REGISTRY
+    from empg_envs.registry import _REGISTRY
 
-    envs.register(FAULTY, "tests.env_doubles:FaultyEnv")
+    empg_envs.register(FAULTY, "tests.env_doubles:FaultyEnv")
     FaultyEnv.made = 0
     yield
     _REGISTRY.pop(FAULTY, None)
 
 
 def experiment(tmp_path, **overrides):
-    return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
+    return validate({**FAULTY_SMALL, "run_dir": str(tmp_path), **overrides})
 
 
 @pytest.mark.timeout(300)
@@ -88,7 +87,7 @@ def test_env_error_ends_the_run_with_a_message_naming_the_env(ray_cluster, model
         # A remote runner is another process: register the test double there too, by its
         # entry point (importable there, see tests/env_doubles.py).
         algo.env_runner_group.foreach_env_runner(
-            lambda runner: envs.register(FAULTY, "tests.env_doubles:FaultyEnv"), local_env_runner=False
+            lambda runner: empg_envs.register(FAULTY, "tests.env_doubles:FaultyEnv"), local_env_runner=False
         )
         where = "env runner 1: " if num_env_runners else ""
         message = rf"^{where}env '{FAULTY}' raised ValueError at step 1 of task faulty/\d+ .*the environment's own bug"

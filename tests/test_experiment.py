@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from empg_rllib.experiment import ConfigError, Experiment, load, validate
+from empg_rllib.config.loading import load, validate
+from empg_rllib.config.schema import ConfigError, Experiment
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "tuned_examples").glob("*.yaml"))
 
@@ -60,11 +61,11 @@ def test_overrides_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_tuned_examples_validate_and_name_known_envs(path):
-    import envs
+    import empg_envs
 
     exp = load(path)
     assert isinstance(exp, Experiment)
-    known = envs.list()
+    known = empg_envs.list()
     assert exp.env in known or any(exp.env.startswith(k.removesuffix("<game>")) for k in known if k.endswith("<game>"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from empg_rllib.fileio import atomic_directory
+from empg_rllib.util.fileio import atomic_directory
 
 
 def test_replaces_existing_directory(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from empg_rllib.inference.base import SamplingParams
-from empg_rllib.inference.hf import HFEngine
-from empg_rllib.scoring import score_responses
+from empg_rllib.core.scoring import score_responses
+from empg_rllib.sampling.engines.base import SamplingParams
+from empg_rllib.sampling.engines.hf import HFEngine
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_bad_sampling_params():
 
 
 def _choices(tokenizer, actions):
-    from empg_rllib.prompting import format_response
+    from empg_rllib.sampling.prompting import format_response
 
     return [tokenizer.encode(format_response(a, think=False), add_special_tokens=False) for a in actions]
 
@@ -158,7 +158,7 @@ def test_constrained_decoding_rejects_bad_choices(engine):
 
 
 def test_row_seeded_sampling_draws_each_token_with_its_probability_and_never_a_masked_one():
-    from empg_rllib.inference.hf import _inverse_cdf
+    from empg_rllib.sampling.engines.hf import _inverse_cdf
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(4096, -1)
     uniforms = torch.cat([torch.rand(4093, 1, generator=torch.Generator().manual_seed(0)),

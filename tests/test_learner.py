@@ -9,41 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from empg_rllib import precision
-from empg_rllib.batch import random_rows
-from empg_rllib.experiment import validate
-from empg_rllib.losses import masked_aggregate
-from empg_rllib.training import build_algorithm
-from empg_rllib.update_plan import plan_update
-
-BASE = {
-    "env": "deepsearch",
-    "tasks_per_batch": 1,
-    "group_size": 2,
-    "max_turns": 2,
-    "max_new_tokens": 8,
-    "checkpoint_every": 0,
-    "loss": "dapo",
-    "lr": 1e-3,
-}
-
-
-def synthetic_batch(rows: int = 9, seed: int = 0, vocab: int = 500) -> dict[str, np.ndarray]:
-    """Left-padded rows of random prompt + response ids (responses of 1-6 tokens, right-aligned)."""
-    return random_rows(rows, vocab, seed)
-
-
-def train_batch(algo, columns: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
-    """The columns plus the current policy's log-probs as the behaviour log-probs and random
-    per-token advantages."""
-    scores = algo.score_batch(columns)
-    adv = np.random.default_rng(seed).normal(size=columns["resp_mask"].shape).astype(np.float32)
-    return {**columns, "old_logp": scores["token_logp"].astype(np.float32), "token_adv": adv * columns["resp_mask"]}
-
-
-def reduced(results: dict) -> dict[str, float]:
-    """A learner's reduced metrics of the default module as plain numbers."""
-    return {k: v.peek() if hasattr(v, "peek") else v for k, v in results["default_policy"].items()}
+from empg_rllib.core import precision
+from empg_rllib.core.losses import masked_aggregate
+from empg_rllib.core.update_plan import plan_update
+from tests.helpers import build, reduced, synthetic_batch, train_batch
 
 
 def learner_weights(algo) -> list[dict[str, torch.Tensor]]:
@@ -52,10 +21,6 @@ def learner_weights(algo) -> list[dict[str, torch.Tensor]]:
         lambda learner: (learner.rank, {k: v.detach().cpu().clone() for k, v in learner._lm().state_dict().items()})
     )
     return [w for _, w in sorted((r.get() for r in results.result_or_errors), key=lambda x: x[0])]
-
-
-def build(tmp_path, model_path, **overrides):
-    return build_algorithm(validate({**BASE, "run_dir": str(tmp_path), **overrides}), model_path)
 
 
 # ---- the plan ----------------------------------------------------------------------------------

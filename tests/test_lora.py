@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from empg_rllib import training
-from empg_rllib.experiment import ConfigError, validate
-from empg_rllib.rl_module import LORA_SUFFIXES
-from empg_rllib.scoring import response_scores
-from tests.test_learner import BASE, build, synthetic_batch, train_batch
+from empg_rllib.algorithm.rl_module import LORA_SUFFIXES
+from empg_rllib.config.loading import validate
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.core.scoring import response_scores
+from empg_rllib.workflows import training
+from tests.helpers import LEARNER, build, k3_by_hand, synthetic_batch, train_batch
 
 LORA = {"lora": {"r": 4, "alpha": 8.0}}
 #: The tiny model has 4 layers of 7 adapted Linears (q, k, v, o, gate, up, down), A and B each.
@@ -108,18 +109,25 @@ def test_kl_reference_is_the_base_model_without_a_copy(ray_cluster, model_path, 
 def test_one_lora_iteration_with_kl_runs_and_logs(ray_cluster, model_path, tmp_path):
     algo = build(tmp_path, model_path, loss="grpo", kl_coef=0.01, **LORA)
     try:
+        kl_parts = k3_by_hand(algo.learner_group._learner)
         result = algo.train()
     finally:
         algo.stop()
-    assert result["env_runners"]["num_episodes"] == BASE["tasks_per_batch"] * BASE["group_size"]
+    assert result["env_runners"]["num_episodes"] == LEARNER["tasks_per_batch"] * LEARNER["group_size"]
     stats = result["learners"]["default_policy"]
-    assert stats["optimizer_steps"] >= 1 and stats["kl"] >= 0
+    assert stats["optimizer_steps"] == 1 and stats["skipped_update"] == 0
+    # B starts at zero: in the only step the adapted policy is the base model, which is the
+    # reference (adapters off), so the k3 KL from the log-probs the loss was given is 0, and so
+    # is the logged one. A reference that were not the base model would be ~1e-2 off.
+    by_hand = sum(k for k, _ in kl_parts) / sum(n for _, n in kl_parts)
+    assert by_hand == pytest.approx(0.0, abs=1e-9)
+    assert stats["kl"] == pytest.approx(by_hand, abs=1e-6)
     assert np.isfinite(result["weight_sync_s"])
     assert result["sampler_learner_logp_gap_mean"] < 1e-3  # the runner samples the learner's policy
 
 
 def test_checkpoint_round_trip_restores_the_adapters(ray_cluster, model_path, tmp_path, monkeypatch):
-    exp = validate({**BASE, "run_dir": str(tmp_path), "loss": "grpo", "iterations": 1, "lr": 1e-2, **LORA})
+    exp = validate({**LEARNER, "run_dir": str(tmp_path), "loss": "grpo", "iterations": 1, "lr": 1e-2, **LORA})
     saved = []
     save = training.save_checkpoint
 

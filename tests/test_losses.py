@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from empg_rllib.losses import (
+from empg_rllib.core.losses import (
     clipped_surrogate,
     kl_k3,
     log_softmax_and_entropy,
@@ -72,9 +72,21 @@ def test_gradient_is_policy_gradient_at_ratio_one():
 
 
 def test_k3_kl_nonnegative_and_zero_at_equal():
-    logp = torch.randn(100)
-    assert torch.all(kl_k3(logp, torch.randn(100)) >= 0)
-    assert torch.allclose(kl_k3(logp, logp), torch.zeros(100))
+    g = torch.Generator().manual_seed(0)
+    logp, ref = torch.randn(100, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
+    # By hand: r = pi_ref / pi, k3 = r - log r - 1; positive wherever the two differ.
+    expected = [math.exp(b - a) - (b - a) - 1 for a, b in zip(logp.tolist(), ref.tolist())]
+    got = kl_k3(logp, ref)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.all(got > 0)
+    assert torch.equal(kl_k3(logp, logp), torch.zeros(100, dtype=torch.float64))
+    # Its expectation over tokens drawn from pi is KL(pi || pi_ref), not KL(pi_ref || pi).
+    pi = torch.log_softmax(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), -1)
+    pi_ref = torch.log_softmax(torch.tensor([-2.0, 0.0, 0.0, 0.0], dtype=torch.float64), -1)
+    expectation = (pi.exp() * kl_k3(pi, pi_ref)).sum().item()
+    forward = (pi.exp() * (pi - pi_ref)).sum().item()
+    backward = (pi_ref.exp() * (pi_ref - pi)).sum().item()
+    assert expectation == pytest.approx(forward, rel=1e-12) and abs(forward - backward) > 0.3
 
 
 def test_kl_term_enters_loss():
@@ -104,7 +116,7 @@ def test_unknown_aggregation_names_options():
 
 
 def test_allowed_mask_renormalises_logprobs_and_entropy():
-    from empg_rllib.inference.choices import allowed_mask
+    from empg_rllib.core.choices import allowed_mask
 
     logits = torch.randn(2, 3, 6, requires_grad=True)
     allowed_ids = torch.tensor([[[1, 4, -1], [2, -1, -1], [-1, -1, -1]], [[0, 1, 5], [3, 4, -1], [5, -1, -1]]])

@@ -9,9 +9,12 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from empg_rllib import models
+from empg_envs.alfworld.env import AlfWorldEnv
 from empg_rllib.cli import main
-from envs.alfworld.env import AlfWorldEnv
+from empg_rllib.workflows import models
+
+#: Every test here builds models (a BPE tokenizer and weights: ~20 s of one core each).
+pytestmark = pytest.mark.heavy
 
 
 def _params(model) -> int:

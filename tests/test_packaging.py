@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from empg_rllib.experiment import ConfigError, experiment_path
+from empg_rllib.config.loading import experiment_path
+from empg_rllib.config.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,7 @@ def test_shipped_examples_are_found_by_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # `empg demo` trains with its own Ray
 @pytest.mark.timeout(900)
 def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
     source = tmp_path / "source"

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from empg_rllib.cli import main
-from empg_rllib.experiment import ConfigError, validate
-from empg_rllib.plan import fit_plan, nodes_of_cluster_config, plan_of
+from empg_rllib.config.loading import validate
+from empg_rllib.config.resources import fit_plan, nodes_of_cluster_config, plan_of
+from empg_rllib.config.schema import ConfigError
 
 GPU_PLAN = {
     "env": "deepsearch",
@@ -48,7 +49,7 @@ def test_resources_default_to_one_cpu_each_and_reject_bad_keys():
 
 
 def test_resources_reach_rllibs_config():
-    from empg_rllib.algorithm import EMPGConfig
+    from empg_rllib.algorithm.empg import EMPGConfig
 
     config = EMPGConfig().experiment_from(validate(GPU_PLAN), "/models/qwen")
     assert (config.num_env_runners, config.num_cpus_per_env_runner, config.num_gpus_per_env_runner) == (4, 4, 1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from empg_rllib.prompting import (
+from empg_rllib.config.prompt import PromptConfig
+from empg_rllib.sampling.prompting import (
     HistoryTurn,
-    PromptConfig,
     build_prompt_ids,
     format_response,
     parse_response,

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from empg_rllib.cli import main
-from empg_rllib.report import FIGURES, ReportError, group_runs, load_run, success_gain, write_report
+from empg_rllib.core.statistics import success_gain
+from empg_rllib.experiments.report import FIGURES, write_report
+from empg_rllib.experiments.run_logs import ReportError, group_runs, load_run
 
 TYPES = ("look_at_obj_in_light", "pick_and_place_simple")
 
@@ -61,7 +63,7 @@ def write_run(
 
 
 def write_history_run(root: Path, name: str, success: list[float]) -> Path:
-    """A run with history.json alone (the keys of training.SUMMARY_KEYS) and no checkpoint."""
+    """A run with history.json alone (the keys of metrics.SUMMARY_KEYS) and no checkpoint."""
     run = root / name
     run.mkdir(parents=True)
     history = [{"iteration": i, "success": rate, "H_step": 0.4, "loss": None} for i, rate in enumerate(success, 1)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from empg_rllib.scoring import position_ids, response_scores, response_width, scores_of_tokens
+from empg_rllib.core.scoring import position_ids, response_scores, response_width, scores_of_tokens
 
 
 def full_scores(model, ids, mask, temperature, allowed_ids):

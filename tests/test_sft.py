@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
-import envs
-from empg_rllib.inference.choices import allowed_tensor
-from empg_rllib.prompting import PromptConfig, parse_response
-from empg_rllib.scoring import left_pad, position_ids, scores_of_tokens
-from empg_rllib.experiment import validate
-from empg_rllib.sft import (
+import empg_envs
+from empg_rllib.config.loading import validate
+from empg_rllib.config.prompt import PromptConfig
+from empg_rllib.core.choices import allowed_tensor
+from empg_rllib.core.scoring import left_pad, position_ids, scores_of_tokens
+from empg_rllib.sampling.prompting import parse_response
+from empg_rllib.workflows.sft import (
     Demonstration,
     action_probabilities,
     allowed_along,
@@ -26,7 +27,7 @@ from empg_rllib.sft import (
 @pytest.fixture(scope="module")
 def demos(tiny_model):
     tokenizer, _ = tiny_model
-    return collect_demonstrations(tokenizer, lambda: envs.make("deepsearch", max_turns=6), 6, PromptConfig(think=False), seed=3)
+    return collect_demonstrations(tokenizer, lambda: empg_envs.make("deepsearch", max_turns=6), 6, PromptConfig(think=False), seed=3)
 
 
 def test_demonstrations_are_expert_turns_in_the_agent_format(tiny_model, demos):
@@ -76,7 +77,7 @@ def constrained_demos(tiny_model):
     pytest.importorskip("alfworld")
     tokenizer, _ = tiny_model
     config = PromptConfig(think=False, history_turns=1, list_admissible_actions=False)
-    make = lambda: envs.make("alfworld", max_turns=20, expert="explorer", task_types=["pick_and_place_simple"])  # noqa: E731
+    make = lambda: empg_envs.make("alfworld", max_turns=20, expert="explorer", task_types=["pick_and_place_simple"])  # noqa: E731
     return collect_demonstrations(tokenizer, make, 2, config, seed=1, constrain_actions=True)
 
 
@@ -111,6 +112,7 @@ def test_action_probabilities_per_verb_rise_with_training(tiny_model, constraine
     assert action_probabilities(model, [forced], tokenizer.pad_token_id) == pytest.approx({"all": 1.0, "go": 1.0})
 
 
+@pytest.mark.heavy  # builds the tiny model (the experiment's default `tiny:`) and trains it
 def test_cli_sft_saves_the_model_and_reports_held_out_action_probabilities(tmp_path, capsys):
     from empg_rllib.cli import main
 

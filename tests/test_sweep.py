@@ -5,6 +5,7 @@ resumed without redoing its finished trials."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,23 +15,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from empg_rllib import sweep as sweeps
-from empg_rllib.experiment import ConfigError, Experiment, validate
+from empg_rllib.config.loading import validate
+from empg_rllib.config.schema import ConfigError, Experiment
+from empg_rllib.experiments import sweep as sweeps
 from tests.env_doubles import FAIL_ONCE, register_doubles
+from tests.helpers import SMALL
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC = "evaluation/eval_unseen/success_rate"
 #: One short iteration on deepsearch with the offline tiny model, evaluated at its end.
 TINY = {
+    **SMALL,
     "model": "tiny:",
     "env": "deepsearch",
     "tasks_per_batch": 1,
-    "group_size": 2,
     "max_turns": 2,
     "max_new_tokens": 8,
-    "micro_batch_size": 4,
-    "iterations": 1,
-    "checkpoint_every": 0,
     "evaluation": {"interval": 1, "splits": ["eval_unseen"], "episodes": 2},
 }
 
@@ -45,6 +45,15 @@ def write_sweep(tmp_path: Path, name: str = "s", **settings) -> Path:
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def check_metric(sweep_dir: Path, rows: list[dict[str, str]]) -> None:
+    """Each row's metric is its trial's last reported evaluation: a share of its 2 episodes."""
+    for row in rows:
+        reported = json.loads((sweep_dir / row["trial"] / "result.json").read_text().splitlines()[-1])
+        assert reported["evaluation/eval_unseen/episodes"] == TINY["evaluation"]["episodes"] == 2
+        assert float(row[METRIC]) == reported[METRIC], row["trial"]
+        assert 2 * reported[METRIC] in (0.0, 1.0, 2.0), row["trial"]
 
 
 # ---- search spaces, validated before Ray starts -----------------------------------------------
@@ -101,7 +110,7 @@ def test_base_experiment_from_a_file_with_fixed_overrides(tmp_path):
         ({"search_space": {"lr": {"grid": [1e-3]}}, "metric": "evaluation/eval_seen/success_rate"}, "split 'eval_seen' is not in"),
         ({"search_space": {"lr": {"grid": [1e-3]}}, "metric": "evaluation/eval_unseen/succes"}, "expected evaluation/<split>/"),
         ({"search_space": {"iterations": {"grid": [3]}}, "overrides": {"evaluation.interval": 2}}, "must be a multiple"),
-        ({"search_space": {"lr": {"grid": [1e-3]}}, "num_sample": 2}, "num_sample: Extra inputs"),
+        ({"search_space": {"lr": {"grid": [1e-3]}}, "num_sample": 2}, "unknown key 'num_sample'; did you mean 'num_samples'"),
         ({"search_space": {"lr": {"grid": [1e-3]}}, "early_stopping": {"grace_period": 1}}, "grace_period: must be below"),
     ],
 )
@@ -139,7 +148,7 @@ def ray_with_doubles(model_path):  # noqa: ARG001 - the tiny model, built once p
     """A 2-CPU Ray whose every worker (Tune trials are actors) knows the test environments."""
     import ray
 
-    from empg_rllib.training import WORKER_ENV
+    from empg_rllib.workflows.session import WORKER_ENV
 
     ray.init(
         address="local",
@@ -167,7 +176,7 @@ def test_tiny_sweep_writes_results_and_a_best_experiment(ray_with_doubles, tmp_p
     outcome = sweeps.run(sweep)
     rows = read_rows(outcome.csv)
     assert [(r["trial"], r["loss"]) for r in rows] == [("trial_000", "grpo"), ("trial_001", "dapo")]
-    assert all(0.0 <= float(r[METRIC]) <= 1.0 for r in rows)
+    check_metric(sweep.dir, rows)
     # ASHA (rung at iteration 1) may stop the weaker trial; the stronger one runs to the end.
     assert {r["status"] for r in rows} <= {"done", "stopped early"} and "done" in {r["status"] for r in rows}
     for row in rows:
@@ -195,8 +204,11 @@ def test_a_crashed_trial_is_retried_without_ending_the_sweep(ray_with_doubles, t
     outcome = sweeps.run(sweeps.load(path))
     assert not flag.exists()  # one reset failed, in one of the trials
     assert "crashed; restarting it" in capfd.readouterr().out
-    assert [(r["status"], r["iterations"], r["error"]) for r in read_rows(outcome.csv)] == [("done", "1/1", "")] * 2
-    assert outcome.best is not None
+    rows = read_rows(outcome.csv)
+    assert [(r["status"], r["iterations"], r["error"]) for r in rows] == [("done", "1/1", "")] * 2
+    trial, value = outcome.best
+    assert value == max(float(r[METRIC]) for r in rows) == float(next(r for r in rows if r["trial"] == trial.name)[METRIC])
+    assert outcome.best_yaml.exists()
 
 
 def _run_cli(*args: str) -> subprocess.Popen:
@@ -212,6 +224,7 @@ def _run_cli(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # 70-90 s: two sweep processes, each starting its own Ray
+@pytest.mark.ray
 def test_resume_continues_an_interrupted_sweep_without_redoing_finished_trials(model_path, tmp_path):  # noqa: ARG001
     path = write_sweep(tmp_path, search_space={"empg.k": {"grid": [0.5, 1.0, 2.0]}}, max_concurrent_trials=1)
     sweep = sweeps.load(path)
@@ -246,6 +259,7 @@ def test_resume_continues_an_interrupted_sweep_without_redoing_finished_trials(m
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert len((sweep.dir / "trial_000" / "result.json").read_text().splitlines()) == 1
     assert "trial_000 iteration" not in output
-    assert validate(yaml.safe_load((sweep.dir / sweeps.BEST_FILE).read_text()))
-    assert all(0.0 <= float(r[METRIC]) <= 1.0 for r in rows)
+    best = validate(yaml.safe_load((sweep.dir / sweeps.BEST_FILE).read_text()))
+    assert best.name == "s-best" and best.empg.k in (0.5, 1.0, 2.0)
+    check_metric(sweep.dir, rows)
     assert os.path.isdir(sweep.dir / "ray_logs")

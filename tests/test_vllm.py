@@ -13,13 +13,13 @@ import signal
 import pytest
 import torch
 
-from empg_rllib.experiment import ConfigError, validate
-from empg_rllib.inference.base import SamplingParams
-from empg_rllib.prompting import action_choices
-from empg_rllib.scoring import score_responses
-from empg_rllib.training import build_algorithm
-
-from tests.test_algorithm import SMALL, lm_weights
+from empg_rllib.config.loading import validate
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.core.scoring import score_responses
+from empg_rllib.sampling.engines.base import SamplingParams
+from empg_rllib.sampling.prompting import action_choices
+from empg_rllib.workflows.training import build_algorithm
+from tests.helpers import SMALL, lm_weights
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -30,7 +30,7 @@ if platform.machine() != "x86_64":
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    from empg_rllib.inference.vllm import VLLMEngine
+    from empg_rllib.sampling.engines.vllm import VLLMEngine
 
     engine = VLLMEngine.from_pretrained(model_path, seed=0, kv_cache_gib=0.25)
     yield engine
@@ -40,7 +40,7 @@ def engine(model_path):
 @pytest.fixture
 def model(tiny_model):
     """A private copy of the tiny model's weights, free to change."""
-    from empg_rllib import models
+    from empg_rllib.workflows import models
 
     return models.load("tiny:")[1].eval()
 
@@ -59,6 +59,7 @@ def _max_gap(outs, reference) -> float:
     return max(abs(a - b) for out, ref in zip(outs, reference) for a, b in zip(out.logprobs, ref))
 
 
+@pytest.mark.vllm
 def test_logprobs_match_the_learners_forward_pass(engine, model):
     prompts = _prompts(engine.tokenizer)
     for temperature in (1.0, 0.7):
@@ -69,6 +70,7 @@ def test_logprobs_match_the_learners_forward_pass(engine, model):
         assert _max_gap(outs, _scores(model, prompts, outs, engine.tokenizer, temperature)) < 1e-4
 
 
+@pytest.mark.vllm
 def test_seeded_sampling_is_reproducible_and_its_stream_resumes(engine):
     prompts = _prompts(engine.tokenizer)
     params = SamplingParams(max_new_tokens=12, seed=123, stop=())
@@ -85,6 +87,7 @@ def test_seeded_sampling_is_reproducible_and_its_stream_resumes(engine):
     assert [o.token_ids for o in engine.generate(prompts, stream)] == first != second
 
 
+@pytest.mark.vllm
 def test_more_prompt_tokens_than_one_engine_step_takes(engine):
     """Seeded requests whose prompts together exceed one scheduling step (8192 tokens here):
     vLLM 0.32 on CPU crashed when it split a seeded prompt over steps."""
@@ -98,6 +101,7 @@ def test_more_prompt_tokens_than_one_engine_step_takes(engine):
     assert all(len(o.token_ids) == 4 for o in first)
 
 
+@pytest.mark.vllm
 def test_stop_string_ends_a_completion(engine):
     prompts = _prompts(engine.tokenizer)
     # A stop string of single characters the random model samples often.
@@ -109,6 +113,7 @@ def test_stop_string_ends_a_completion(engine):
             assert "e" not in out.text
 
 
+@pytest.mark.vllm
 def test_constrained_decoding_samples_only_choices_and_scores_like_the_learner(engine, model):
     tokenizer = engine.tokenizer
     prompts = _prompts(tokenizer)
@@ -135,6 +140,7 @@ def test_constrained_decoding_samples_only_choices_and_scores_like_the_learner(e
     assert forced and all(abs(out.logprobs[i]) < 1e-6 for i in forced)
 
 
+@pytest.mark.vllm
 def test_weight_sync_is_exact_and_bumps_the_version(engine, model):
     prompts = _prompts(engine.tokenizer)
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=9, stop=())
@@ -154,6 +160,7 @@ def test_weight_sync_is_exact_and_bumps_the_version(engine, model):
         engine.update_weights(original, version=0)
 
 
+@pytest.mark.vllm
 def test_weights_that_do_not_match_the_checkpoint_are_refused(engine, model):
     state = dict(model.state_dict())
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
@@ -162,13 +169,14 @@ def test_weights_that_do_not_match_the_checkpoint_are_refused(engine, model):
         engine.update_weights({**state, "lm_head.bias": torch.zeros(3)})
 
 
+@pytest.mark.vllm
 def test_weight_sync_reaches_a_head_tied_to_the_embeddings(model_path, tmp_path, capfd):
     """Qwen2.5 up to 3B ties its LM head to the embeddings. The head loads no weights of its
     own in a sync, so on CPU its packed GEMM weights went stale (1.9 nats off) until the
     worker extension processed tied layers again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from empg_rllib.inference.vllm import VLLMEngine
+    from empg_rllib.sampling.engines.vllm import VLLMEngine
 
     tied = AutoModelForCausalLM.from_pretrained(model_path, tie_word_embeddings=True)
     tied.lm_head.weight = tied.model.embed_tokens.weight
@@ -195,7 +203,7 @@ def test_weight_sync_reaches_a_head_tied_to_the_embeddings(model_path, tmp_path,
 def test_a_tied_head_copied_by_serialisation_is_not_an_unexpected_weight():
     """A runner without its own module gets the learner's state through Ray, which copies the
     tied head apart from the embeddings; it is still left out, and a head that differs is not."""
-    from empg_rllib.inference.vllm import _checkpoint_tensors
+    from empg_rllib.sampling.engines.vllm import _checkpoint_tensors
 
     embed = torch.randn(8, 4)
     names = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -220,7 +228,7 @@ def test_bad_vllm_key_is_a_config_error():
 
 
 def test_runner_asking_for_a_gpu_on_a_cpu_host_says_so():
-    from empg_rllib.env_runner import runner_device
+    from empg_rllib.sampling.env_runner import runner_device
 
     assert runner_device(0, 1) == "cpu"
     if not torch.cuda.is_available():
@@ -229,7 +237,7 @@ def test_runner_asking_for_a_gpu_on_a_cpu_host_says_so():
 
 
 def test_cpu_cores_are_split_between_runners():
-    from empg_rllib.inference.vllm import cpu_cores_for
+    from empg_rllib.sampling.engines.vllm import cpu_cores_for
 
     assert cpu_cores_for(0, 1, allowed=[0, 1]) == [0, 1]
     assert [cpu_cores_for(i, 1, allowed=[0, 1]) for i in (1, 2, 3)] == [[0], [1], [0]]
@@ -240,6 +248,7 @@ def _experiment(tmp_path, **overrides):
     return validate({**SMALL, "run_dir": str(tmp_path), "engine": "vllm", "vllm": {"kv_cache_gib": 0.25}, **overrides})
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize(
     "env, overrides",
     [
@@ -257,7 +266,7 @@ def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overr
     algo = build_algorithm(exp, model_path)
     try:
         before = lm_weights(algo)
-        for iteration in range(exp.iterations):
+        for _ in range(exp.iterations):
             result = algo.train()
             runners = result["env_runners"]
             assert runners["num_episodes"] == exp.tasks_per_batch * exp.group_size
@@ -271,6 +280,7 @@ def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overr
         algo.stop()
 
 
+@pytest.mark.vllm
 def test_killed_vllm_engine_replaces_its_runner(ray_cluster, model_path, tmp_path):
     """Killing a remote runner's vLLM engine process: that runner is replaced, its groups are
     played again, the run goes on, and the restart is counted."""

@@ -13,7 +13,8 @@ engine call holds one process-wide lock, so ALFWorld steps run one at a time whi
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler

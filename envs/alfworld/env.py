@@ -24,12 +24,13 @@ import contextlib
 import os
 import pathlib
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from envs.alfworld import games, generator, speedups
-from envs.alfworld.engine import Engine
-from envs.alfworld.explorer import Explorer
-from envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv, cache_dir
+from empg_envs.alfworld import games, generator, speedups
+from empg_envs.alfworld.engine import Engine
+from empg_envs.alfworld.explorer import Explorer
+from empg_envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv, cache_dir
 
 NOTHING_HAPPENS = "Nothing happens."
 DEFAULT_NUM_TASKS: dict[str, int] = {"train": 2000, "eval_seen": 120, "eval_unseen": 120}
@@ -48,6 +49,7 @@ def _default_data_dir() -> str | None:
 
 class AlfWorldEnv(TextEnv):
     """The ALFWorld TextWorld engine with a Fast Downward expert."""
+
 
     task_types = generator.TASK_TYPES
     lexicon = generator.LEXICON

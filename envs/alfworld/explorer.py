@@ -13,11 +13,11 @@ receptacle is where the plan puts it.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import alfworld.gen.constants as alfred_constants
 
-from envs.alfworld import generator
+from empg_envs.alfworld import generator
 
 _ARRIVE = re.compile(r"You arrive at (?P<r>[a-z]+ \d+)\.")
 _CONTENTS = re.compile(r"(?:On the (?P<a>[a-z]+ \d+), you see|The (?P<b>[a-z]+ \d+) is open\. In it, you see)")

@@ -20,9 +20,9 @@ from typing import Any
 
 from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
 
-from envs.alfworld import generator
-from envs.alfworld.engine import Engine
-from envs.core import EnvError
+from empg_envs.alfworld import generator
+from empg_envs.alfworld.engine import Engine
+from empg_envs.core import EnvError
 
 GAME_FILE = "game.tw-pddl"
 TRAJ_FILE = "traj_data.json"

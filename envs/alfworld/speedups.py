@@ -17,7 +17,8 @@ from __future__ import annotations
 import collections
 import copy
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fast_downward
 import textworld.envs.pddl.textgen as textgen

@@ -21,15 +21,15 @@ from typing import Any
 
 import bm25s
 
-from envs.core import EnvConfigError, TextEnv
-from envs.deepsearch.knowledge_graph import (
+from empg_envs.core import EnvConfigError, TextEnv
+from empg_envs.deepsearch.knowledge_graph import (
     RELATIONS_BY_NAME,
     KnowledgeGraph,
     Passage,
     build_knowledge_graph,
     read_fact,
 )
-from envs.deepsearch.questions import TASK_TYPES, Question, build_questions
+from empg_envs.deepsearch.questions import TASK_TYPES, Question, build_questions
 
 #: The paper's names for the eval splits, accepted as `split` too.
 SPLIT_ALIASES: dict[str, str] = {"eval_id": "eval_seen", "eval_ood": "eval_unseen"}
@@ -78,6 +78,7 @@ def f1_score(prediction: str, gold: str) -> float:
 
 class DeepSearchEnv(TextEnv):
     """Multi-hop question answering over a local corpus; see the module docstring."""
+
 
     task_types = TASK_TYPES
 

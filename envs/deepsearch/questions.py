@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import random
 
-from envs.deepsearch.knowledge_graph import RELATIONS, KnowledgeGraph, Relation
+from empg_envs.deepsearch.knowledge_graph import RELATIONS, KnowledgeGraph, Relation
 
 TASK_TYPES: tuple[str, ...] = ("1hop", "2hop", "3hop")
 #: Questions per split and task type (fewer where the graph offers fewer).

@@ -3,7 +3,7 @@
 Start WebShop's own server (princeton-nlp/WebShop, `./run_dev.sh`, default port 3000) and make
 the env with its address:
 
-    env = envs.make("webshop-server", url="http://127.0.0.1:3000", split="eval_unseen")
+    env = empg_envs.make("webshop-server", url="http://127.0.0.1:3000", split="eval_unseen")
 
 The client speaks plain HTTP (urllib): it opens `<url>/<session>` and then follows the links,
 form actions and option `data-url`s of each page, so it needs nothing of the server but its
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
 
-from envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv
-from envs.webshop.env import (
+from empg_envs.core import EnvConfigError, EnvCrashed, EnvError, TextEnv
+from empg_envs.webshop.env import (
     BUY_NOW,
     PREV_PAGE,
     SCORE_LABEL,
@@ -124,6 +124,7 @@ class _PageParser(HTMLParser):
 
 class WebShopServerEnv(TextEnv):
     """WebShop played over HTTP against the server at `url`."""
+
 
     task_types = ("webshop",)
 

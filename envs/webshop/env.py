@@ -33,8 +33,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from envs.core import EnvConfigError, EnvError, TextEnv
-from envs.webshop.catalog import (
+from empg_envs.core import EnvConfigError, EnvError, TextEnv
+from empg_envs.webshop.catalog import (
     CATEGORIES,
     DEFAULT_NUM_PRODUCTS,
     DEFAULT_SEED,
@@ -45,8 +45,8 @@ from envs.webshop.catalog import (
     build_catalog,
     make_goal,
 )
-from envs.webshop.reward import get_reward
-from envs.webshop.search import SearchIndex, get_index
+from empg_envs.webshop.reward import get_reward
+from empg_envs.webshop.search import SearchIndex, get_index
 
 BACK_TO_SEARCH = "Back to Search"
 NEXT_PAGE = "Next >"
@@ -224,6 +224,7 @@ def parse_action(action: str) -> tuple[str, str] | None:
 
 class WebShopEnv(TextEnv):
     """WebShop on a generated catalog of `num_products` products (seeded by `catalog_seed`)."""
+
 
     task_types = CATEGORIES
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from envs.webshop.catalog import PATH_SEP, Goal, Product, words
+from empg_envs.webshop.catalog import PATH_SEP, Goal, Product, words
 
 
 def _norm(text: str) -> str:

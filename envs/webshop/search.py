@@ -12,7 +12,7 @@ import functools
 import bm25s
 import numpy as np
 
-from envs.webshop.catalog import Catalog, build_catalog, words
+from empg_envs.webshop.catalog import Catalog, build_catalog, words
 
 #: WebShop returns the top 50 hits of a search, 10 per page.
 SEARCH_RETURN_N = 50

@@ -17,7 +17,7 @@ from the id. The HTML mirrors the real templates' structure (buttons in forms, p
 radio options with labels and data-url, a hidden block on the done page), rendered from the
 same page model as `WebShopEnv`, so a client sees the same texts as the env shows.
 
-Binds 127.0.0.1 only. Run by hand with `python -m envs.webshop.standin_server --port 3000`.
+Binds 127.0.0.1 only. Run by hand with `python -m empg_envs.webshop.standin_server --port 3000`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote
 
-from envs.webshop.catalog import (
+from empg_envs.webshop.catalog import (
     DEFAULT_NUM_PRODUCTS,
     DEFAULT_SEED,
     SPLIT_SIZES,
     build_catalog,
     make_goal,
 )
-from envs.webshop.env import (
+from empg_envs.webshop.env import (
     BACK_TO_SEARCH,
     BUY_NOW,
     NEXT_PAGE,
@@ -47,7 +47,7 @@ from envs.webshop.env import (
     Segment,
     ShopSession,
 )
-from envs.webshop.search import get_index
+from empg_envs.webshop.search import get_index
 
 #: WebShop goal numbering -> (split, first goal number of the split).
 GOAL_RANGES: tuple[tuple[str, int], ...] = (("eval_unseen", 0), ("eval_seen", 500), ("train", 1500))

@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("alfworld")
 
-import envs  # noqa: E402
-from envs.alfworld import games, generator, speedups  # noqa: E402
-from envs.alfworld.env import NOTHING_HAPPENS, AlfWorldEnv  # noqa: E402
-from envs.core import EnvConfigError, EnvCrashed, EnvError  # noqa: E402
+import empg_envs  # noqa: E402
+from empg_envs.alfworld import games, generator, speedups  # noqa: E402
+from empg_envs.alfworld.env import NOTHING_HAPPENS, AlfWorldEnv  # noqa: E402
+from empg_envs.core import EnvConfigError, EnvCrashed, EnvError  # noqa: E402
 
 TYPES = generator.TASK_TYPES
 SPLITS = ("train", "eval_seen", "eval_unseen")
@@ -27,7 +27,7 @@ SPLITS = ("train", "eval_seen", "eval_unseen")
 @pytest.fixture(scope="module")
 def split_envs():
     """One env per split, shared so each generated game is made once per test session."""
-    made = {s: envs.make("alfworld", split=s, num_tasks=len(TYPES)) for s in SPLITS}
+    made = {s: empg_envs.make("alfworld", split=s, num_tasks=len(TYPES)) for s in SPLITS}
     yield made
     for env in made.values():
         env.close()
@@ -35,7 +35,7 @@ def split_envs():
 
 def play_expert(env, limit: int = 40) -> tuple[bool, int]:
     for n in range(1, limit + 1):
-        _, reward, terminated, truncated, info = env.step(envs.expert_action(env))
+        _, reward, terminated, truncated, info = env.step(empg_envs.expert_action(env))
         assert not info["invalid_action"]
         if terminated or truncated:
             return info["won"] and reward == 1.0, n
@@ -64,7 +64,7 @@ def test_generation_is_deterministic_and_varied():
 
 def test_generation_independent_of_hash_seed():
     code = (
-        "import hashlib; from envs.alfworld import generator as g; "
+        "import hashlib; from empg_envs.alfworld import generator as g; "
         "print(hashlib.md5(''.join(g.generate(s, t, 3).pddl_problem + g.generate(s, t, 3).task_desc "
         "for s in ('train', 'eval_unseen') for t in g.TASK_TYPES).encode()).hexdigest())"
     )
@@ -121,7 +121,7 @@ def test_distractors_bound_the_other_object_types():
 
 
 def test_games_without_distractors_are_cached_apart_and_playable():
-    env = envs.make(
+    env = empg_envs.make(
         "alfworld", split="eval_unseen", task_types=["pick_and_place_simple"], num_tasks=2,
         expert="explorer", distractors=[0, 0],
     )
@@ -133,7 +133,7 @@ def test_games_without_distractors_are_cached_apart_and_playable():
         # Only the task's object is ever takeable in such a room.
         takes = {a.split()[1] for a in info["admissible_actions"] if a.startswith("take ")}
         assert takes <= {target}
-        _, _, terminated, truncated, info = env.step(envs.expert_action(env))
+        _, _, terminated, truncated, info = env.step(empg_envs.expert_action(env))
         if terminated or truncated:
             break
     assert info["won"]
@@ -157,6 +157,7 @@ def test_problem_never_starts_won():
 
 
 # ---- env behaviour -----------------------------------------------------------------------------
+@pytest.mark.heavy  # plays many games through the planner
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_solves_every_type(split_envs, split):
     env = split_envs[split]
@@ -171,6 +172,7 @@ def test_expert_solves_every_type(split_envs, split):
     assert sorted(seen_types) == sorted(TYPES)
 
 
+@pytest.mark.heavy  # plays many games through the planner
 def test_expert_replans_after_detours(split_envs):
     env = split_envs["train"]
     rng = random.Random(0)
@@ -183,16 +185,17 @@ def test_expert_replans_after_detours(split_envs):
         assert info["won"] or play_expert(env)[0], info["task_id"]
 
 
+@pytest.mark.heavy  # plays many games through the planner
 def test_explorer_expert_wins_acting_only_on_what_it_has_seen():
     """The explorer never walks to a hidden object: every take/use happens where the episode's
     observations have already shown that object, and it still wins every task type."""
-    env = envs.make("alfworld", split="eval_unseen", num_tasks=len(TYPES) * 2, expert="explorer")
+    env = empg_envs.make("alfworld", split="eval_unseen", num_tasks=len(TYPES) * 2, expert="explorer")
     searched = 0
     for index in range(len(TYPES) * 2):
         obs, info = env.reset(options={"task": index})
         shown = obs
         for _ in range(40):
-            action = envs.expert_action(env)
+            action = empg_envs.expert_action(env)
             assert action in info["admissible_actions"]
             if action.startswith(("take ", "use ")):
                 obj = " ".join(action.split()[1:3])
@@ -206,20 +209,21 @@ def test_explorer_expert_wins_acting_only_on_what_it_has_seen():
     assert searched > 0  # closed receptacles were opened to look inside
     env.close()
     with pytest.raises(EnvConfigError, match="expert"):
-        envs.make("alfworld", expert="oracle")
+        empg_envs.make("alfworld", expert="oracle")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_solves_many(split):
-    env = envs.make("alfworld", split=split, num_tasks=60)
+    env = empg_envs.make("alfworld", split=split, num_tasks=60)
     failures = [i for i in range(60) if not (env.reset(options={"task": i}) and play_expert(env)[0])]
     assert failures == []
 
 
+@pytest.mark.heavy  # plays many games through the planner
 def test_same_seed_same_episode(split_envs):
     first = trace(split_envs["eval_seen"], seed=11)
-    fresh = envs.make("alfworld", split="eval_seen", num_tasks=len(TYPES))
+    fresh = empg_envs.make("alfworld", split="eval_seen", num_tasks=len(TYPES))
     assert trace(fresh, seed=11) == first
     assert trace(fresh, seed=11) == first  # replaying a loaded game
     other = [trace(fresh, seed=s, steps=0)[1] for s in range(12, 20)]
@@ -242,7 +246,7 @@ def test_invalid_actions(split_envs):
 
 
 def test_truncation_at_max_turns():
-    env = envs.make("alfworld", split="train", num_tasks=len(TYPES), max_turns=3)
+    env = empg_envs.make("alfworld", split="train", num_tasks=len(TYPES), max_turns=3)
     env.reset(options={"task": 1})
     results = [env.step("look")[2:4] for _ in range(3)]
     assert results == [(False, False), (False, False), (False, True)]
@@ -254,17 +258,19 @@ def test_task_selection(split_envs):
     env = split_envs["eval_unseen"]
     assert env.unwrapped.tasks() == len(TYPES)
     _, info = env.reset(options={"task": 5})
-    by_id = envs.make("alfworld", split="train", num_tasks=1)  # another split's env plays it
+    by_id = empg_envs.make("alfworld", split="train", num_tasks=1)  # another split's env plays it
     _, same = by_id.reset(options={"task": info["task_id"]})
     assert same["task_id"] == info["task_id"] and same["instruction"] == info["instruction"]
     for bad in (len(TYPES), -1, "alfworld/train/no_such_type/000001", "nonsense", 1.5):
         with pytest.raises(EnvConfigError):
             env.reset(options={"task": bad})
-    env.reset(options={"task": 0})  # a bad task leaves the env usable
+    # A bad task leaves the env usable: the next good one plays to a win.
+    _, info = env.reset(options={"task": 0})
+    assert info["task_id"].startswith("alfworld/eval_unseen/") and play_expert(env)[0]
 
 
 def test_config_validation():
-    sub = envs.make("alfworld", split="train", task_types=["pick_cool_then_place_in_recep"], num_tasks=5)
+    sub = empg_envs.make("alfworld", split="train", task_types=["pick_cool_then_place_in_recep"], num_tasks=5)
     assert AlfWorldEnv(task_types=["pick_cool_then_place_in_recep", "pick_and_place_simple"])._types == (
         "pick_and_place_simple", "pick_cool_then_place_in_recep")
     _, info = sub.reset(options={"task": 1})
@@ -272,10 +278,10 @@ def test_config_validation():
     assert info["task_id"].endswith("/000001")
     for bad in ({"task_types": ["cooking"]}, {"num_tasks": 0}, {"split": "test"}, {"data_dir": "/nonexistent"}):
         with pytest.raises(EnvConfigError):
-            envs.make("alfworld", **bad)
+            empg_envs.make("alfworld", **bad)
     for bad in ([1], [3, 1], [-1, 2], 2, [0.5, 1], "0,0"):
         with pytest.raises(EnvConfigError, match="distractors"):
-            envs.make("alfworld", distractors=bad)
+            empg_envs.make("alfworld", distractors=bad)
 
 
 def test_generated_games_are_cached(split_envs, monkeypatch):
@@ -291,13 +297,13 @@ def test_generated_games_are_cached(split_envs, monkeypatch):
         raise AssertionError("regenerated a cached game")
 
     monkeypatch.setattr(generator, "generate", no_generation)
-    _, again = envs.make("alfworld", split="eval_seen").reset(options={"task": 2})
+    _, again = empg_envs.make("alfworld", split="eval_seen").reset(options={"task": 2})
     assert again["instruction"] == info["instruction"]
     assert game_file.stat().st_mtime_ns == before
 
 
 def test_engine_crash_is_typed_and_recoverable(split_envs):
-    env = envs.make("alfworld", split="eval_seen")
+    env = empg_envs.make("alfworld", split="eval_seen")
     env.reset(options={"task": 0})
     # The planner library behind the live game goes away, as when Fast Downward dies.
     env.unwrapped._engine._pddl._pddl_state.downward_lib = None
@@ -306,11 +312,12 @@ def test_engine_crash_is_typed_and_recoverable(split_envs):
         env.step(go)
     with pytest.raises(EnvCrashed):
         env.reset(options={"task": 0})
-    fresh = envs.make("alfworld", split="eval_seen")
+    fresh = empg_envs.make("alfworld", split="eval_seen")
     fresh.reset(options={"task": 0})
     assert play_expert(fresh)[0]
 
 
+@pytest.mark.heavy  # plays many games through the planner
 def test_speedups_do_not_change_games(split_envs):
     env = split_envs["train"]
     argv = list(sys.argv)
@@ -324,6 +331,7 @@ def test_speedups_do_not_change_games(split_envs):
     assert sys.argv == argv
 
 
+@pytest.mark.heavy  # plays many games through the planner
 def test_official_data_layout(split_envs, tmp_path, monkeypatch):
     """A folder in ALFWorld's json_2.1.1 layout (built from generated games) is played as is."""
     expected = {}
@@ -345,7 +353,7 @@ def test_official_data_layout(split_envs, tmp_path, monkeypatch):
 
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
     for split in SPLITS:
-        env = envs.make("alfworld", split=split)
+        env = empg_envs.make("alfworld", split=split)
         assert env.unwrapped.tasks() == 2
         instructions = []
         for index in range(2):
@@ -356,6 +364,6 @@ def test_official_data_layout(split_envs, tmp_path, monkeypatch):
         assert sorted(instructions) == sorted(expected[split])
         _, again = env.reset(options={"task": info["task_id"]})
         assert again["instruction"] == info["instruction"]
-    digest = hashlib.md5(str(trace(envs.make("alfworld", split="train"), seed=1)).encode()).hexdigest()
-    explicit = envs.make("alfworld", split="train", data_dir=str(tmp_path))
+    digest = hashlib.md5(str(trace(empg_envs.make("alfworld", split="train"), seed=1)).encode()).hexdigest()
+    explicit = empg_envs.make("alfworld", split="train", data_dir=str(tmp_path))
     assert hashlib.md5(str(trace(explicit, seed=1)).encode()).hexdigest() == digest

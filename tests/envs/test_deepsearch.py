@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-import envs
-from envs.core import EnvConfigError, EnvError
-from envs.deepsearch.knowledge_graph import build_knowledge_graph, read_fact
+import empg_envs
+from empg_envs.core import EnvConfigError, EnvError
+from empg_envs.deepsearch.knowledge_graph import build_knowledge_graph, read_fact
 
 SPLITS = ("train", "eval_seen", "eval_unseen")
 # train: 1-2 hops; in-domain eval: 2 hops; out-of-domain: 3 hops or unseen relations.
@@ -20,7 +20,7 @@ EXPECTED_TYPES = {
 
 
 def _questions(split: str):
-    env = envs.make("deepsearch", split=split).unwrapped
+    env = empg_envs.make("deepsearch", split=split).unwrapped
     return list(env._corpus.questions[env.split])
 
 
@@ -28,7 +28,7 @@ def _play_expert(env, task) -> tuple[dict, list[str]]:
     env.reset(options={"task": task})
     actions, done = [], False
     while not done:
-        actions.append(envs.expert_action(env))
+        actions.append(empg_envs.expert_action(env))
         _, _, terminated, truncated, info = env.step(actions[-1])
         done = terminated or truncated
     return info, actions
@@ -44,8 +44,8 @@ def test_knowledge_graph_is_deterministic_and_passages_state_their_facts():
 
 
 def test_split_aliases_and_types():
-    assert envs.make("deepsearch", split="eval_id").unwrapped.split == "eval_seen"
-    assert envs.make("deepsearch", split="eval_ood").unwrapped.split == "eval_unseen"
+    assert empg_envs.make("deepsearch", split="eval_id").unwrapped.split == "eval_seen"
+    assert empg_envs.make("deepsearch", split="eval_ood").unwrapped.split == "eval_unseen"
     for split in SPLITS:
         assert {q.task_type for q in _questions(split)} == EXPECTED_TYPES[split]
 
@@ -62,7 +62,7 @@ def test_in_domain_uses_train_relations_and_out_of_domain_does_not():
 
 
 def test_reset_is_deterministic_and_task_ids_round_trip():
-    a, b = envs.make("deepsearch"), envs.make("deepsearch")
+    a, b = empg_envs.make("deepsearch"), empg_envs.make("deepsearch")
     obs_a, info_a = a.reset(seed=11)
     obs_b, info_b = b.reset(seed=11)
     assert (obs_a, info_a) == (obs_b, info_b)
@@ -71,7 +71,7 @@ def test_reset_is_deterministic_and_task_ids_round_trip():
     seen = {a.reset(seed=s)[1]["task_id"] for s in range(20)}
     assert len(seen) > 1  # the seed does pick the task
     # A task_id of another split plays that task.
-    eval_env = envs.make("deepsearch", split="eval_unseen")
+    eval_env = empg_envs.make("deepsearch", split="eval_unseen")
     obs_c, info_c = eval_env.reset(options={"task": info_a["task_id"]})
     assert info_c["task_id"] == info_a["task_id"] and obs_c == obs_a
     assert eval_env.reset(options={"task": 3})[1]["task_id"].startswith("deepsearch/eval_unseen/")
@@ -79,7 +79,7 @@ def test_reset_is_deterministic_and_task_ids_round_trip():
 
 @pytest.mark.parametrize("task", [-1, 10**6, "deepsearch/train/1hop/99999", 1.5, True])
 def test_bad_task_raises(task):
-    env = envs.make("deepsearch")
+    env = empg_envs.make("deepsearch")
     with pytest.raises(EnvConfigError, match="bad task"):
         env.reset(options={"task": task})
 
@@ -87,19 +87,19 @@ def test_bad_task_raises(task):
 @pytest.mark.parametrize("config", [{"split": "test"}, {"top_k": 0}, {"max_turns": 0}])
 def test_bad_config_raises(config):
     with pytest.raises(EnvConfigError):
-        envs.make("deepsearch", **config)
+        empg_envs.make("deepsearch", **config)
 
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_question_text_retrieves_first_hop_passage(split):
-    env = envs.make("deepsearch", split=split).unwrapped
+    env = empg_envs.make("deepsearch", split=split).unwrapped
     questions = _questions(split)[::5]
     hits = sum(q.support[0] in {p.pid for p in env.search(q.text)} for q in questions)
     assert hits / len(questions) >= 0.99
 
 
 def test_search_shows_top_k_passages_and_handles_unknown_words():
-    env = envs.make("deepsearch", top_k=4)
+    env = empg_envs.make("deepsearch", top_k=4)
     _, info = env.reset(options={"task": 0})
     q = env.unwrapped.question
     obs, reward, terminated, truncated, info = env.step(f"search[{q.text}]")
@@ -111,7 +111,7 @@ def test_search_shows_top_k_passages_and_handles_unknown_words():
 
 
 def test_invalid_actions_explain_the_format_and_continue():
-    env = envs.make("deepsearch")
+    env = empg_envs.make("deepsearch")
     env.reset(options={"task": 0})
     for action in ["", "look around", "search[]", "answer[  ]", "search(foo)", "ask[foo]"]:
         obs, reward, terminated, truncated, info = env.step(action)
@@ -123,7 +123,7 @@ def test_invalid_actions_explain_the_format_and_continue():
 
 
 def test_answer_scoring_normalises_and_reports_f1():
-    env = envs.make("deepsearch", split="eval_seen")
+    env = empg_envs.make("deepsearch", split="eval_seen")
     env.reset(options={"task": 0})
     gold = env.unwrapped.question.answer
     _, reward, terminated, _, info = env.step(f"ANSWER[ The {gold.upper()}. ]")
@@ -137,7 +137,7 @@ def test_answer_scoring_normalises_and_reports_f1():
 
 
 def test_truncation_at_max_turns():
-    env = envs.make("deepsearch", max_turns=3)
+    env = empg_envs.make("deepsearch", max_turns=3)
     env.reset(seed=0)
     results = [env.step("search[birthplace]") for _ in range(3)]
     assert [r[3] for r in results] == [False, False, True]
@@ -148,7 +148,7 @@ def test_truncation_at_max_turns():
 
 def test_expert_reads_each_hop_from_retrieved_passages():
     question = next(q for q in _questions("eval_unseen") if q.task_type == "3hop")
-    env = envs.make("deepsearch", split="eval_unseen")
+    env = empg_envs.make("deepsearch", split="eval_unseen")
     info, actions = _play_expert(env, question.task_id)
     assert info["won"] and len(actions) == 4
     # Each later search names the entity the previous hop's passage gave, not the question's.
@@ -162,14 +162,14 @@ def test_expert_reads_each_hop_from_retrieved_passages():
     env.reset(options={"task": question.task_id})
     env.unwrapped.search = lambda query: []
     for _ in range(3):
-        action = envs.expert_action(env)
+        action = empg_envs.expert_action(env)
         assert re.fullmatch(rf"search\[.*{re.escape(question.start)}\]", action)
         env.step(action)
 
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_solves_every_type(split):
-    env = envs.make("deepsearch", split=split)
+    env = empg_envs.make("deepsearch", split=split)
     by_type: dict[str, list[bool]] = {}
     for q in _questions(split)[:300]:
         info, _ = _play_expert(env, q.task_id)
@@ -181,13 +181,13 @@ def test_expert_solves_every_type(split):
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_action_choices_list_every_expert_action(split):
-    env = envs.make("deepsearch", split=split, action_choices=True)
+    env = empg_envs.make("deepsearch", split=split, action_choices=True)
     wins = []
     for q in _questions(split)[:40]:
         _, info = env.reset(options={"task": q.task_id})
         assert all(a.startswith("search[") and a.endswith(f" of {q.start}]") for a in info["admissible_actions"])
         while True:
-            action = envs.expert_action(env)
+            action = empg_envs.expert_action(env)
             assert action in info["admissible_actions"], (action, info["admissible_actions"])
             _, _, terminated, truncated, info = env.step(action)
             if terminated or truncated:
@@ -196,4 +196,4 @@ def test_action_choices_list_every_expert_action(split):
         wins.append(info["won"])
     assert sum(wins) >= 39
     with pytest.raises(EnvConfigError, match="action_choices must be true or false"):
-        envs.check_config("deepsearch", action_choices=1)
+        empg_envs.check_config("deepsearch", action_choices=1)

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-import envs
-from envs.core import EnvConfigError, EnvCrashed, EnvError
+import empg_envs
+from empg_envs.core import EnvConfigError, EnvCrashed, EnvError
 
 GAMES = ("cookingworld", "twc", "coin", "mapreader")
 SPLITS = ("train", "eval_seen", "eval_unseen")
@@ -17,7 +17,7 @@ SPLITS = ("train", "eval_seen", "eval_unseen")
 @pytest.fixture(scope="module")
 def game_envs():
     """One env (one JVM) per game and split, shared by the module's tests."""
-    made = {(g, s): envs.make(f"twx/{g}", split=s) for g in GAMES for s in SPLITS}
+    made = {(g, s): empg_envs.make(f"twx/{g}", split=s) for g in GAMES for s in SPLITS}
     yield made
     for env in made.values():
         env.close()
@@ -31,13 +31,14 @@ def _play_expert(env, task) -> tuple[list[float], dict]:
     env.reset(options={"task": task})
     rewards, done = [], False
     while not done:
-        _, reward, terminated, truncated, info = env.step(envs.expert_action(env))
+        _, reward, terminated, truncated, info = env.step(empg_envs.expert_action(env))
         assert not info["invalid_action"]
         rewards.append(reward)
         done = terminated or truncated
     return rewards, info
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("game", GAMES)
 def test_same_seed_same_episode(game, game_envs):
     env, other = game_envs[(game, "train")], game_envs[(game, "eval_seen")]
@@ -48,12 +49,13 @@ def test_same_seed_same_episode(game, game_envs):
     # Another env (another JVM) plays the same task identically, step by step.
     assert other.reset(options={"task": info_a["task_id"]}) == (obs_a, info_a)
     for _ in range(4):
-        action = envs.expert_action(env)
+        action = empg_envs.expert_action(env)
         assert env.step(action) == other.step(action)
     ids = {env.reset(seed=s)[1]["task_id"] for s in range(10)}
     assert len(ids) > 1  # the seed picks the game
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("game", GAMES)
 def test_splits_are_disjoint_and_task_ids_round_trip(game, game_envs):
     by_split = {}
@@ -71,6 +73,7 @@ def test_splits_are_disjoint_and_task_ids_round_trip(game, game_envs):
     assert eval_env.reset(options={"task": task_id})[0] == obs
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize(
     "task", [-1, 10**6, "twx/coin/train/99999", "twx/coin/nosplit/00001", "alfworld/x", 2.0]
 )
@@ -80,6 +83,7 @@ def test_bad_task_raises(task, game_envs):
         env.reset(options={"task": task})
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("game", GAMES)
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_wins(game, split, game_envs):
@@ -91,6 +95,7 @@ def test_expert_wins(game, split, game_envs):
         assert sum(rewards) == pytest.approx(1.0)  # rewards are score deltas
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("game", GAMES)
 def test_invalid_action_keeps_state(game, game_envs):
     env = game_envs[(game, "train")]
@@ -103,12 +108,13 @@ def test_invalid_action_keeps_state(game, game_envs):
     # The expert still wins from here: the invalid action changed nothing.
     done = False
     while not done:
-        _, _, terminated, truncated, info = env.step(envs.expert_action(env))
+        _, _, terminated, truncated, info = env.step(empg_envs.expert_action(env))
         assert info["invalid_action"] is False
         done = terminated or truncated
     assert info["won"]
 
 
+@pytest.mark.jvm
 @pytest.mark.parametrize("game", GAMES)
 def test_truncation_at_max_turns(game, game_envs):
     env = game_envs[(game, "eval_unseen")]
@@ -119,11 +125,12 @@ def test_truncation_at_max_turns(game, game_envs):
         env.step("inventory")
 
 
+@pytest.mark.jvm
 def test_game_params_accept_dict_and_reject_bad_values(game_envs):
-    as_dict = envs.make(
+    as_dict = empg_envs.make(
         "twx/coin", game_params={"numLocations": 2, "includeDoors": False, "numDistractorItems": 0}
     )
-    as_str = envs.make(
+    as_str = empg_envs.make(
         "twx/coin", game_params="numLocations=2, includeDoors=0,numDistractorItems=0"
     )
     try:
@@ -135,16 +142,17 @@ def test_game_params_accept_dict_and_reject_bad_values(game_envs):
         as_str.close()
     for bad in ("numLocations=many", "numLocations", "numLocations=100", "colour=2", 7):
         with pytest.raises(EnvConfigError, match="game_params"):
-            envs.make("twx/coin", game_params=bad)
+            empg_envs.make("twx/coin", game_params=bad)
 
 
 def test_unknown_game_raises():
     with pytest.raises(EnvConfigError, match="unknown TWX game"):
-        envs.make("twx/chess")
+        empg_envs.make("twx/chess")
 
 
+@pytest.mark.jvm
 def test_jvm_crash_raises_env_crashed_and_a_new_env_works():
-    env = envs.make("twx/coin")
+    env = empg_envs.make("twx/coin")
     _, info = env.reset(seed=0)
     jvm = _jvm(env)
     os.kill(jvm.pid, signal.SIGKILL)
@@ -154,15 +162,16 @@ def test_jvm_crash_raises_env_crashed_and_a_new_env_works():
     with pytest.raises(EnvCrashed):
         env.reset(seed=0)
     env.close()
-    fresh = envs.make("twx/coin")
+    fresh = empg_envs.make("twx/coin")
     try:
         assert fresh.reset(seed=0)[1]["task_id"] == info["task_id"]
     finally:
         fresh.close()
 
 
+@pytest.mark.jvm
 def test_close_shuts_the_jvm_down():
-    env = envs.make("twx/mapreader")
+    env = empg_envs.make("twx/mapreader")
     env.reset(seed=0)
     jvm = _jvm(env)
     assert jvm.poll() is None

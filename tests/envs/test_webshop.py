@@ -10,19 +10,19 @@ import time
 
 import pytest
 
-import envs
-from envs.core import EnvConfigError, EnvCrashed
-from envs.webshop.catalog import (
+import empg_envs
+from empg_envs.core import EnvConfigError, EnvCrashed
+from empg_envs.webshop.catalog import (
     CATEGORIES,
     PRODUCT_TYPES,
     SPLIT_SIZES,
     build_catalog,
     make_goal,
 )
-from envs.webshop.env import WebShopEnv
-from envs.webshop.reward import get_reward
-from envs.webshop.search import SearchIndex, get_index
-from envs.webshop.standin_server import StandinServer
+from empg_envs.webshop.env import WebShopEnv
+from empg_envs.webshop.reward import get_reward
+from empg_envs.webshop.search import SearchIndex, get_index
+from empg_envs.webshop.standin_server import StandinServer
 
 SPLITS = ("train", "eval_seen", "eval_unseen")
 TYPES = {t.name: t for t in PRODUCT_TYPES}
@@ -50,7 +50,7 @@ def _play_expert(env, task):
     obs, info = env.reset(options={"task": task})
     done, steps = False, []
     while not done:
-        action = envs.expert_action(env)
+        action = empg_envs.expert_action(env)
         obs, reward, terminated, truncated, info = env.step(action)
         assert not info["invalid_action"], (action, obs)
         steps.append((action, obs, reward, terminated, truncated, info["admissible_actions"]))
@@ -186,19 +186,19 @@ def test_reward_always_in_unit_interval(catalog):
 
 # ---- env protocol ----------------------------------------------------------------------------
 def test_make_defaults_and_bad_config():
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     assert isinstance(env.unwrapped, WebShopEnv)
     assert env.unwrapped.max_turns == 15
     assert env.unwrapped.tasks() == SPLIT_SIZES["train"]
     with pytest.raises(EnvConfigError):
-        envs.make("webshop", num_products=10)
+        empg_envs.make("webshop", num_products=10)
     with pytest.raises(EnvConfigError):
-        envs.make("webshop", split="test")
+        empg_envs.make("webshop", split="test")
 
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_solves_every_category(split):
-    env = envs.make("webshop", split=split)
+    env = empg_envs.make("webshop", split=split)
     results = {c: [] for c in CATEGORIES}
     # 60 tasks spread over the split; categories cycle with the task index, so all are hit.
     for task in range(0, SPLIT_SIZES[split], SPLIT_SIZES[split] // 60)[:60]:
@@ -212,13 +212,13 @@ def test_expert_solves_every_category(split):
 
 
 def test_same_seed_same_episode():
-    a, b = envs.make("webshop"), envs.make("webshop")
+    a, b = empg_envs.make("webshop"), empg_envs.make("webshop")
     obs_a, info_a = a.reset(seed=42)
     obs_b, info_b = b.reset(seed=42)
     assert (obs_a, info_a) == (obs_b, info_b)
     for _ in range(4):
-        action = envs.expert_action(a)
-        assert envs.expert_action(b) == action
+        action = empg_envs.expert_action(a)
+        assert empg_envs.expert_action(b) == action
         step_a, step_b = a.step(action), b.step(action)
         assert step_a == step_b
     ids = {a.reset(seed=s)[1]["task_id"] for s in range(20)}
@@ -226,14 +226,14 @@ def test_same_seed_same_episode():
 
 
 def test_task_selection_by_index_and_id():
-    env = envs.make("webshop", split="train")
+    env = empg_envs.make("webshop", split="train")
     _, info = env.reset(options={"task": 17})
     assert info["task_id"] == "webshop/train/00017"
     obs, again = env.reset(seed=999, options={"task": info["task_id"]})
     assert again["instruction"] == info["instruction"]
     _, other = env.reset(options={"task": "webshop/eval_unseen/00003"})
     assert other["task_id"] == "webshop/eval_unseen/00003"
-    assert other["instruction"] == envs.make("webshop", split="eval_unseen").reset(
+    assert other["instruction"] == empg_envs.make("webshop", split="eval_unseen").reset(
         options={"task": 3}
     )[1]["instruction"]
     for bad in (-1, SPLIT_SIZES["train"], "webshop/train/99999", "nope", True, 1.5):
@@ -242,7 +242,7 @@ def test_task_selection_by_index_and_id():
 
 
 def test_observation_layout_and_navigation():
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     obs, info = env.reset(options={"task": 2})
     assert obs == f"WebShop [SEP] Instruction: [SEP] {info['instruction']} [SEP] Search"
     assert info["admissible_actions"] == ["search[<your query>]"]
@@ -281,30 +281,30 @@ def test_observation_layout_and_navigation():
     "action", ["click[nonexistent]", "foo", "click[buy now]", "search[<your query>]", "search[ ]"]
 )
 def test_invalid_action_keeps_page_and_episode(action):
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     obs, _ = env.reset(options={"task": 8})
     new_obs, reward, terminated, truncated, info = env.step(action)
     assert info["invalid_action"] is True
     assert new_obs.startswith("Invalid action") and new_obs.endswith(obs)
     assert (reward, terminated, truncated) == (0.0, False, False)
-    _, _, _, _, info = env.step(envs.expert_action(env))
+    _, _, _, _, info = env.step(empg_envs.expert_action(env))
     assert info["invalid_action"] is False
 
 
 def test_search_is_invalid_off_the_search_page():
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     env.reset(options={"task": 8})
-    obs, *_ = env.step(envs.expert_action(env))
+    obs, *_ = env.step(empg_envs.expert_action(env))
     new_obs, _, _, _, info = env.step("search[shoes]")
     assert info["invalid_action"] and new_obs.endswith(obs)
 
 
 def test_every_admissible_action_is_valid():
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     env.reset(options={"task": 9})
-    prefix = [envs.expert_action(env)]
+    prefix = [empg_envs.expert_action(env)]
     env.step(prefix[0])
-    prefix.append(envs.expert_action(env))
+    prefix.append(empg_envs.expert_action(env))
     for depth in (1, 2):  # a results page, then a product page
         env.reset(options={"task": 9})
         for action in prefix[:depth]:
@@ -317,7 +317,7 @@ def test_every_admissible_action_is_valid():
 
 
 def test_query_choices_offer_concrete_searches_the_expert_uses():
-    env = envs.make("webshop", query_choices=True)
+    env = empg_envs.make("webshop", query_choices=True)
     wins = []
     for task in range(0, 60, 6):
         _, info = env.reset(options={"task": task})
@@ -326,7 +326,7 @@ def test_query_choices_offer_concrete_searches_the_expert_uses():
         assert searches[1] == f"search[{instruction}]" and "<your query>" not in searches[0]
         assert all(word in instruction for word in searches[0][7:-1].split())
         while True:
-            action = envs.expert_action(env)
+            action = empg_envs.expert_action(env)
             assert action in info["admissible_actions"], action
             _, _, terminated, truncated, info = env.step(action)
             assert not info["invalid_action"]
@@ -339,11 +339,11 @@ def test_query_choices_offer_concrete_searches_the_expert_uses():
     _, _, _, _, info = env.step(env.unwrapped._shop.admissible_actions()[1])
     assert not info["invalid_action"] and info["page"] == "results"
     with pytest.raises(EnvConfigError, match="query_choices must be true or false"):
-        envs.check_config("webshop", query_choices="yes")
+        empg_envs.check_config("webshop", query_choices="yes")
 
 
 def test_buying_a_wrong_product_scores_below_one():
-    env = envs.make("webshop")
+    env = empg_envs.make("webshop")
     _, info = env.reset(options={"task": 12})
     other = next(t for t in PRODUCT_TYPES if t.category != info["task_type"])
     _, _, _, _, info = env.step(f"search[{other.name}]")
@@ -355,11 +355,11 @@ def test_buying_a_wrong_product_scores_below_one():
 
 
 def test_truncation_at_max_turns():
-    env = envs.make("webshop", max_turns=3)
+    env = empg_envs.make("webshop", max_turns=3)
     env.reset(options={"task": 1})
     outcomes = [env.step("click[nothing]")[2:4] for _ in range(3)]
     assert outcomes == [(False, False), (False, False), (False, True)]
-    with pytest.raises(envs.EnvError):
+    with pytest.raises(empg_envs.EnvError):
         env.step("foo")
 
 
@@ -370,8 +370,8 @@ def test_standin_binds_localhost_only(server):
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_client_sees_what_the_env_shows(server, split):
-    local = envs.make("webshop", split=split)
-    remote = envs.make("webshop-server", url=server.url, split=split)
+    local = empg_envs.make("webshop", split=split)
+    remote = empg_envs.make("webshop-server", url=server.url, split=split)
     for task in (0, 1, 2):
         obs, info = local.reset(options={"task": task})
         r_obs, r_info = remote.reset(options={"task": task})
@@ -379,7 +379,7 @@ def test_client_sees_what_the_env_shows(server, split):
         assert r_info["admissible_actions"] == info["admissible_actions"]
         done = False
         while not done:
-            action = envs.expert_action(local)
+            action = empg_envs.expert_action(local)
             expected, got = local.step(action), remote.step(action)
             assert got[:4] == expected[:4], action
             for key in ("won", "score", "invalid_action", "admissible_actions"):
@@ -389,7 +389,7 @@ def test_client_sees_what_the_env_shows(server, split):
 
 
 def test_client_invalid_actions_and_task_ids(server):
-    env = envs.make("webshop-server", url=server.url, split="eval_seen")
+    env = empg_envs.make("webshop-server", url=server.url, split="eval_seen")
     obs, info = env.reset(options={"task": 4})
     assert info["task_id"] == "webshop-server/504"
     for action in ("click[nonexistent]", "foo", "click[search]"):
@@ -400,17 +400,17 @@ def test_client_invalid_actions_and_task_ids(server):
     with pytest.raises(EnvConfigError):
         env.reset(options={"task": 5000})
     with pytest.raises(EnvConfigError):
-        envs.make("webshop-server", url="localhost:3000")
+        empg_envs.make("webshop-server", url="localhost:3000")
 
 
 def test_client_heuristic_expert_scores(server):
-    env = envs.make("webshop-server", url=server.url, split="train")
+    env = empg_envs.make("webshop-server", url=server.url, split="train")
     scores = []
     for task in range(10):
         env.reset(options={"task": task})
         done = False
         while not done:
-            _, _, terminated, truncated, info = env.step(envs.expert_action(env))
+            _, _, terminated, truncated, info = env.step(empg_envs.expert_action(env))
             assert not info["invalid_action"]
             done = terminated or truncated
         scores.append(info["score"])
@@ -419,10 +419,10 @@ def test_client_heuristic_expert_scores(server):
 
 def test_client_network_errors_raise_env_crashed():
     srv = StandinServer().start()
-    env = envs.make("webshop-server", url=srv.url, timeout=5.0)
+    env = empg_envs.make("webshop-server", url=srv.url, timeout=5.0)
     env.reset(options={"task": 0})
     srv.close()
     with pytest.raises(EnvCrashed):
-        env.step(envs.expert_action(env))
+        env.step(empg_envs.expert_action(env))
     with pytest.raises(EnvCrashed):
         env.reset(options={"task": 0})
