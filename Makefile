@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/env_speed.py
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/async_sampling.py
+	$(PY) benchmarks/env_workers.py
+	$(PY) benchmarks/gradient_checkpointing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

@@ -8,8 +8,10 @@ from empg_envs.core import (
     StepLatency,
     TextEnv,
     UnknownEnvError,
+    env_lock,
+    is_thread_safe,
 )
-from empg_envs.registry import check_config, expert_action, list, make, register
+from empg_envs.registry import check_config, expert_action, factory_of, list, make, register, spec_of
 
 register("alfworld", "empg_envs.alfworld.env:AlfWorldEnv")
 register("webshop", "empg_envs.webshop.env:WebShopEnv")
@@ -25,9 +27,13 @@ __all__ = [
     "StepLatency",
     "TextEnv",
     "UnknownEnvError",
+    "env_lock",
+    "is_thread_safe",
     "check_config",
     "expert_action",
+    "factory_of",
     "list",
     "make",
     "register",
+    "spec_of",
 ]

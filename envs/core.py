@@ -8,8 +8,10 @@ below, whatever engine sits underneath.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -63,6 +65,9 @@ class TextEnv(gym.Env):
     #: Names the environment's text uses (objects, places), whether or not a given episode
     #: shows them: a tokenizer trained for the environment learns them as whole tokens.
     lexicon: ClassVar[tuple[str, ...]] = ()
+    #: Whether two instances may be made, reset, stepped or closed at the same time in one
+    #: process (see `is_thread_safe`). Say so only when it holds: False serialises the calls.
+    thread_safe: ClassVar[bool] = False
 
     def __init__(self, max_turns: int = 50, split: str = "train") -> None:
         self.check_config(max_turns=max_turns, split=split)
@@ -139,6 +144,53 @@ class TextEnv(gym.Env):
         info.setdefault("admissible_actions", None)
         info["turn"] = self._turn
         return obs, float(reward), bool(terminated), bool(truncated), info
+
+
+def is_thread_safe(factory: Any) -> bool:
+    """Whether the environments `factory` (a class, or a callable with the attribute) makes may
+    be called from several threads at once. One that does not say is not: game engines,
+    simulators, C extensions and clients holding one socket often keep state shared between
+    instances (TextWorld's grammar parser does), and a lock per instance would not cover it."""
+    return getattr(factory, "thread_safe", False) is True
+
+
+_CLASS_LOCKS: dict[Any, threading.RLock] = {}
+_CLASS_LOCKS_GUARD = threading.Lock()
+
+
+def env_lock(factory: Any) -> contextlib.AbstractContextManager:
+    """The process-wide lock that every call into `factory`'s environments holds when they are
+    not thread-safe (a no-op for those that are). A subclass shares the lock of the class that
+    declared `thread_safe` (a subclass of ALFWorld's environment drives the same parser)."""
+    if is_thread_safe(factory):
+        return contextlib.nullcontext()
+    key = factory
+    if isinstance(factory, type):
+        key = next((c for c in factory.__mro__ if "thread_safe" in vars(c) and c is not TextEnv), factory)
+    with _CLASS_LOCKS_GUARD:
+        return _CLASS_LOCKS.setdefault(key, threading.RLock())
+
+
+class Serialized(gym.Wrapper):
+    """Holds `lock` around every call into an environment that is not thread-safe, so that no
+    two instances of its class run at once in this process while other threads (the engine,
+    other environments, a wrapper's latency) go on. `empg_envs.make` adds it."""
+
+    def __init__(self, env: gym.Env, lock: contextlib.AbstractContextManager) -> None:
+        super().__init__(env)
+        self._lock = lock
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        with self._lock:
+            return self.env.reset(**kwargs)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        with self._lock:
+            return self.env.step(action)
+
+    def close(self) -> None:
+        with self._lock:
+            self.env.close()
 
 
 class StepLatency(gym.Wrapper):

@@ -21,7 +21,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from empg_envs.core import EnvConfigError, EnvError, StepLatency, UnknownEnvError
+from empg_envs.core import EnvConfigError, EnvError, Serialized, StepLatency, UnknownEnvError, env_lock, is_thread_safe
 
 EnvFactory = Callable[..., gym.Env]
 
@@ -163,22 +163,54 @@ def check_config(env_id: str, **env_config: Any) -> None:
         check(**kwargs)
 
 
-def make(env_id: str, **env_config: Any) -> gym.Env:
-    """Make the environment `env_id` with `env_config` as keyword arguments; `step_latency_ms`
-    (any environment) wraps it in `StepLatency`."""
+def factory_of(env_id: str, **env_config: Any) -> tuple[EnvFactory, dict[str, Any], float]:
+    """What `make` calls for `env_id`: the class (or callable), its keyword arguments, and the
+    step latency to add (ms)."""
     latency = _pop_latency(env_id, env_config)
     entry_point, kwargs = _lookup(env_id, env_config)
-    factory = _resolve(entry_point)
+    return _resolve(entry_point), kwargs, latency
+
+
+def spec_of(env_id: str, **env_config: Any) -> tuple[str | EnvFactory, dict[str, Any], float]:
+    """What `build` needs to make `env_id` in another process: its "module:Class" (or the
+    callable itself, which pickles by reference), keyword arguments and step latency. Imports
+    nothing for an id registered by name."""
+    latency = _pop_latency(env_id, env_config)
+    entry_point, kwargs = _lookup(env_id, env_config)
+    target = entry_point if callable(entry_point) else _target(entry_point)
+    return target, kwargs, latency
+
+
+def make(env_id: str, **env_config: Any) -> gym.Env:
+    """Make the environment `env_id` with `env_config` as keyword arguments; `step_latency_ms`
+    (any environment) wraps it in `StepLatency`. An environment class that is not thread-safe
+    (`TextEnv.thread_safe`) is made under its class's lock and wrapped in `Serialized`, so that
+    no two of its instances are ever called at once in this process."""
     try:
-        env = factory(**kwargs)
+        return build(*factory_of(env_id, **env_config))
     except TypeError as err:
         # An unknown keyword in env_config surfaces here; name it instead of a bare TypeError.
         if "unexpected keyword argument" in str(err):
             raise EnvConfigError(f"env {env_id!r}: bad env_config key: {err}") from err
         raise
-    return StepLatency(env, latency) if latency else env
+
+
+def build(factory: EnvFactory | str, kwargs: dict[str, Any], latency_ms: float = 0.0) -> gym.Env:
+    """`make`'s second half: the environment of `factory` (or of the "module:Class" it names),
+    serialised where it is not thread-safe, with `latency_ms` added to each step."""
+    if isinstance(factory, str):
+        factory = _resolve(factory)
+    with env_lock(factory):
+        env = factory(**kwargs)
+    if not is_thread_safe(factory):
+        # The lock of the class made (the same as the factory's when the factory is the class),
+        # which `expert_action` takes too.
+        env = Serialized(env, env_lock(type(env.unwrapped)))
+    return StepLatency(env, latency_ms) if latency_ms else env
 
 
 def expert_action(env: gym.Env) -> str:
-    """The expert's next action for `env` (any wrapper depth)."""
-    return env.unwrapped.expert_action()
+    """The expert's next action for `env` (any wrapper depth), under its class's lock when it
+    is not thread-safe (an expert may plan with the engine)."""
+    with env_lock(type(env.unwrapped)):
+        return env.unwrapped.expert_action()

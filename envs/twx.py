@@ -68,6 +68,8 @@ def _params_string(game_params: str | dict[str, Any]) -> str:
 class TextWorldExpressEnv(TextEnv):
     """One TWX game; see the module docstring for splits, reward and expert."""
 
+    # Each instance drives its own TWX engine (its own JVM gateway).
+    thread_safe = True
 
     task_types = GAMES
 

@@ -289,6 +289,12 @@ class Experiment(_Strict):
         "for the conversations that are ready (each turn then has its own sampling seed, so that timing never "
         "changes what is sampled); 0: lock-step, environments step one after another between engine batches",
     )
+    env_worker_mode: Literal["thread", "process"] = Field(
+        "thread",
+        description="where env_workers run environments: threads of the env runner (an environment class "
+        "that is not thread-safe is still called by one thread at a time), or child processes, which step "
+        "such environments, and pure-Python ones the GIL holds back, in parallel (needs env_workers >= 1)",
+    )
     async_: AsyncSettings = Field(
         AsyncSettings(), alias="async", description="asynchronous actor-learner sampling"
     )
@@ -369,6 +375,8 @@ class Experiment(_Strict):
         _check_deepspeed_block(self.learner_backend, self.deepspeed, self.num_learners)
         if self.engine == "vllm":
             _check_vllm_block(self.vllm, self.resources.env_runner.gpus)
+        if self.env_worker_mode == "process" and self.env_workers == 0:
+            raise ValueError("env_worker_mode: process runs environments on env_workers processes; set env_workers >= 1")
         if self.async_.enabled and self.num_env_runners == 0:
             raise ValueError(
                 "async.enabled samples on remote env runners while the learner updates; set num_env_runners >= 1"

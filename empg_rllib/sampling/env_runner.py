@@ -7,6 +7,7 @@ are variable-length token sequences generated in batches, so this runner drives
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import empg_envs
 from empg_rllib.core import metrics
 from empg_rllib.core.records import Episode, EpisodeRequest, RolloutStats
 from empg_rllib.sampling.engines.base import SamplingParams
+from empg_rllib.sampling.env_processes import EnvProcesses
 from empg_rllib.sampling.rollout import run_episodes
 
 
@@ -67,6 +69,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._weights_seq_no = 0
         self.prompt_config = exp.prompt_config
         self._idle_envs: dict[str, list[gym.Env]] = defaultdict(list)
+        self._env_processes: EnvProcesses | None = None
         self.crashed_episodes_lifetime = 0
         self._weights_board: Any = None
 
@@ -108,8 +111,19 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         assert self.engine is not None and self.tokenizer is not None
 
     def make_env(self, split: str = "train") -> gym.Env:
+        """A new environment of the experiment on `split`: in this process, or with
+        `env_worker_mode: process` in one of the runner's env worker processes."""
         exp = self.experiment
-        return empg_envs.make(exp.env, **{**exp.env_config, "split": split, "max_turns": exp.max_turns})
+        config = {**exp.env_config, "split": split, "max_turns": exp.max_turns}
+        if exp.env_worker_mode == "thread":
+            return empg_envs.make(exp.env, **config)
+        if self._env_processes is None:
+            self._env_processes = EnvProcesses(exp.env_workers, exp.env, exp.env_config)
+        return self._env_processes.make(**config)
+
+    def env_worker_pids(self) -> list[int]:
+        """The live env worker processes (`env_worker_mode: process`)."""
+        return self._env_processes.pids() if self._env_processes is not None else []
 
     def sample(
         self,
@@ -263,12 +277,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return (), {"config": self.config}
 
     def stop(self) -> None:
-        for pool in self._idle_envs.values():
-            for env in pool:
-                env.close()
-        self._idle_envs.clear()
-        if hasattr(self.engine, "close"):
-            self.engine.close()
+        try:
+            for pool in self._idle_envs.values():
+                for env in pool:
+                    with contextlib.suppress(Exception):  # one failing close must not skip the rest
+                        env.close()
+            self._idle_envs.clear()
+        finally:
+            if self._env_processes is not None:
+                self._env_processes.close()
+            if hasattr(self.engine, "close"):
+                self.engine.close()
 
 
 def runner_device(gpus: float, worker_index: int) -> str:

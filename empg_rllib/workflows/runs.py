@@ -1,5 +1,4 @@
-"""Run directories: what a run writes, atomic checkpoints, resume, starting over, and the warm
-start a run begins from."""
+"""Run directories: what a run writes, atomic checkpoints, resume and starting over."""
 
 from __future__ import annotations
 

@@ -5,14 +5,13 @@ One `Engine` holds one `PddlEnv` for its whole life and loads game after game in
 RSS per instance), so one per game would leak memory.
 
 TextWorld's PDDL backend parses with module-level parser state (tatsu), which threads corrupt:
-engines stepped on several threads at once (a runner's env workers) failed in its parser. Every
-engine call holds one process-wide lock, so ALFWorld steps run one at a time while other work
-(generation, other environments, a slow tool's latency) overlaps them.
+engines stepped on several threads at once (a runner's env workers) failed in its parser. So
+`AlfWorldEnv` is not thread-safe (`TextEnv.thread_safe`): `empg_envs.make` serialises every call
+into ALFWorld environments in a process, and process env workers run them in parallel.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,16 +19,13 @@ import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
 from textworld.envs.pddl import PddlEnv
 
-_ENGINE_LOCK = threading.RLock()
-
 
 class Engine:
     """Loads, resets and steps ALFWorld games; plans with Fast Downward on demand."""
 
     def __init__(self) -> None:
         infos = textworld.EnvInfos(admissible_commands=True, won=True)
-        with _ENGINE_LOCK:
-            self._env = AlfredDemangler()(PddlEnv(infos))
+        self._env = AlfredDemangler()(PddlEnv(infos))
         self._pddl: PddlEnv = self._env.unwrapped
         self._loaded: Any = None
         self._closed = False
@@ -39,17 +35,14 @@ class Engine:
         if isinstance(game, str) and game == self._loaded:
             return
         self._loaded = None
-        with _ENGINE_LOCK:
-            self._env.load(game)
+        self._env.load(game)
         self._loaded = game if isinstance(game, str) else None
 
     def reset(self) -> textworld.GameState:
-        with _ENGINE_LOCK:
-            return self._env.reset()
+        return self._env.reset()
 
     def step(self, command: str) -> textworld.GameState:
-        with _ENGINE_LOCK:
-            state, _, _ = self._env.step(command)
+        state, _, _ = self._env.step(command)
         return state
 
     def plan(self) -> list[str]:
@@ -58,8 +51,7 @@ class Engine:
         Computed only when asked: requesting `policy_commands` would replan on every step, which
         costs ~24 ms a step on pick-two goals.
         """
-        with _ENGINE_LOCK:
-            return self._pddl._pddl_state.replan(self._pddl._entity_infos)
+        return self._pddl._pddl_state.replan(self._pddl._entity_infos)
 
     def walkthrough(self) -> list[str]:
         """The loaded game file's stored walkthrough (empty if it has none)."""

@@ -50,6 +50,8 @@ def _default_data_dir() -> str | None:
 class AlfWorldEnv(TextEnv):
     """The ALFWorld TextWorld engine with a Fast Downward expert."""
 
+    # TextWorld's PDDL parser keeps module-level state (engine.py): calls are serialised.
+    thread_safe = False
 
     task_types = generator.TASK_TYPES
     lexicon = generator.LEXICON

@@ -79,6 +79,8 @@ def f1_score(prediction: str, gold: str) -> float:
 class DeepSearchEnv(TextEnv):
     """Multi-hop question answering over a local corpus; see the module docstring."""
 
+    # Pure Python; the corpus and knowledge graph are shared (lru_cache) but only read.
+    thread_safe = True
 
     task_types = TASK_TYPES
 

@@ -125,6 +125,8 @@ class _PageParser(HTMLParser):
 class WebShopServerEnv(TextEnv):
     """WebShop played over HTTP against the server at `url`."""
 
+    # Each instance holds its own HTTP session with the server.
+    thread_safe = True
 
     task_types = ("webshop",)
 

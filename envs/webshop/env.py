@@ -225,6 +225,10 @@ def parse_action(action: str) -> tuple[str, str] | None:
 class WebShopEnv(TextEnv):
     """WebShop on a generated catalog of `num_products` products (seeded by `catalog_seed`)."""
 
+    # The catalogue and search index are shared (lru_cache) but only read once built: two
+    # threads building the same one at once each build a whole, equal copy. Each instance
+    # keeps its own page state.
+    thread_safe = True
 
     task_types = CATEGORIES
 
