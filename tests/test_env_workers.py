@@ -175,7 +175,10 @@ def test_an_error_in_a_worker_process_stops_the_run_naming_the_environment_and_c
 def test_an_interrupted_process_leaves_no_worker_process(tmp_path):
     """Ctrl-C in the middle of a step: the process exits and its workers with it."""
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT ignored (a
+        # background job of a non-interactive shell inherits SIG_IGN).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(ROOT)!r})
         from tests.concurrency_doubles import register_all, UNSAFE
         register_all()
@@ -186,12 +189,16 @@ def test_an_interrupted_process_leaves_no_worker_process(tmp_path):
         env.reset(seed=0)  # dwells for a minute in the worker
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    pids = [int(p) for p in process.stdout.readline().split()]
-    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(30) != 0
-    assert _gone(pids)
+    try:
+        pids = [int(p) for p in process.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) != 0
+        assert _gone(pids)
+    finally:
+        process.kill()  # a failure here must not leave its workers to the tests that follow
+        process.wait()
 
 
 SHARED = {**SMALL, "env": UNSAFE, "max_turns": 2, "max_new_tokens": 6, "env_config": {"turns": 2}}
