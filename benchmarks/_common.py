@@ -12,10 +12,23 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and the features that decide the figures: AVX-512, native bf16."""
+    from empg_rllib.core.precision import cpu_bf16_flags
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = text.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return {"model": model or platform.processor() or "unknown", "avx512f": "avx512f" in flags,
+            "bf16": list(cpu_bf16_flags())}
+
+
 def machine() -> dict[str, Any]:
     import torch
 
     return {
+        "cpu": cpu(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -121,18 +121,9 @@ def main() -> None:
     empg_envs.register(BUSY, "_busy_env:BusyEnv")
     rows = [run(env_id, FAMILIES.get(env_id, {}), latency, args.workers, args.conversations, args.max_turns,
                 args.repeats) for env_id in args.envs for latency in args.latencies]
-    path = write("env_workers", {"cpu": _cpu(), "settings": vars(args), "rows": rows})
+    path = write("env_workers", {"settings": vars(args), "rows": rows})
     plot(rows, RESULTS / "env_workers.png")
     print(f"wrote {path}")
-
-
-def _cpu() -> dict[str, Any]:
-    from empg_rllib.core.precision import cpu_bf16_flags
-
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {"model": model, "avx512f": "avx512f" in flags, "bf16": list(cpu_bf16_flags())}
 
 
 if __name__ == "__main__":

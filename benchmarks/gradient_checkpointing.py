@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,20 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write  # noqa: E402
+from _common import cpu, write  # noqa: E402
 
 RESPONSE = 32
 VARIANTS = {"plain": False, "checkpointed": True}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _status_kb(field: str) -> int | None:
@@ -144,7 +133,7 @@ def main() -> None:
     models.resolve_model(args.model)  # build it once, outside the measurements
     results: dict[str, Any] = {
         "model": args.model,
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu()["model"],
         "dtype": "float32",
         "response_tokens_per_row": RESPONSE,
         "repeats": args.repeats,

@@ -166,9 +166,8 @@ def check_config(env_id: str, **env_config: Any) -> None:
 def factory_of(env_id: str, **env_config: Any) -> tuple[EnvFactory, dict[str, Any], float]:
     """What `make` calls for `env_id`: the class (or callable), its keyword arguments, and the
     step latency to add (ms)."""
-    latency = _pop_latency(env_id, env_config)
-    entry_point, kwargs = _lookup(env_id, env_config)
-    return _resolve(entry_point), kwargs, latency
+    target, kwargs, latency = spec_of(env_id, **env_config)
+    return _resolve(target), kwargs, latency
 
 
 def spec_of(env_id: str, **env_config: Any) -> tuple[str | EnvFactory, dict[str, Any], float]:
