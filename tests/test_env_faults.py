@@ -10,6 +10,7 @@ import torch
 import empg_envs
 from empg_rllib.config.loading import validate
 from empg_rllib.core.records import EnvFailure
+from empg_rllib.sampling.runner_calls import RunnerError
 from empg_rllib.workflows.training import build_algorithm
 from tests.env_doubles import FaultyEnv
 from tests.helpers import SMALL, lm_weights
@@ -96,5 +97,27 @@ def test_env_error_ends_the_run_with_a_message_naming_the_env(ray_cluster, model
         # Stopped, not replayed: the remote runner is still the one it was, alive and healthy.
         assert algo.env_runner_group.num_remote_worker_restarts() == 0
         assert algo.env_runner_group.num_healthy_remote_workers() == num_env_runners
+    finally:
+        algo.stop()
+
+
+def _break_engine(runner) -> None:
+    def generate(*args, **kwargs):
+        raise ValueError("engine made to fail")
+
+    runner.engine.generate = generate
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_engine_error_on_a_remote_runner_ends_the_run_naming_it(ray_cluster, model_path, tmp_path, asynchronous):
+    """Not an actor exit that RLlib restarts and replays: the same error would come back."""
+    exp = experiment(tmp_path, env="deepsearch", num_env_runners=1, **{"async": {"enabled": asynchronous}})
+    algo = build_algorithm(exp, model_path)
+    try:
+        algo.env_runner_group.foreach_env_runner(_break_engine, local_env_runner=False)
+        with pytest.raises(RunnerError, match=r"^env runner 1: ValueError: engine made to fail\n.*Traceback"):
+            algo.train()
+        assert algo.env_runner_group.num_remote_worker_restarts() == 0
     finally:
         algo.stop()

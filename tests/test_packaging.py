@@ -70,7 +70,7 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
     assert "demo finished" in run.stdout
     summary = json.loads((work / "runs" / "demo" / "demo_summary.json").read_text())
     for split in ("eval_seen", "eval_unseen"):
-        gain = summary["after_rl"][split]["success_rate"] - summary["sft_only"][split]["success_rate"]
+        gain = summary["after_rl"][split]["success_rate"] - summary["before_rl"][split]["success_rate"]
         assert summary["gain"][split]["gain"] == pytest.approx(gain)
         assert f"RL's gain over SFT on {split}: {gain:+.1%}" in run.stdout
     assert any((work / "runs" / "demo").glob("checkpoint_*/algorithm"))

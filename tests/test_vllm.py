@@ -17,6 +17,7 @@ from empg_rllib.config.loading import validate
 from empg_rllib.config.schema import ConfigError
 from empg_rllib.core.scoring import score_responses
 from empg_rllib.sampling.engines.base import SamplingParams
+from empg_rllib.sampling.engines.vllm import LOG_FILE
 from empg_rllib.sampling.prompting import action_choices
 from empg_rllib.workflows.training import build_algorithm
 from tests.helpers import SMALL, lm_weights
@@ -259,10 +260,12 @@ def _experiment(tmp_path, **overrides):
         ("webshop", {}),
     ],
 )
-def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overrides):
+def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overrides, capfd):
     """EMPG with `engine: vllm`; after each update the engine samples with the learner's weights
-    (the next iteration's sampler log-probs equal the learner's pre-update pass)."""
+    (the next iteration's sampler log-probs equal the learner's pre-update pass). vLLM's log
+    lines go to the run's vllm.log, not the terminal."""
     exp = _experiment(tmp_path, env=env, **overrides)
+    capfd.readouterr()
     algo = build_algorithm(exp, model_path)
     try:
         before = lm_weights(algo)
@@ -278,6 +281,10 @@ def test_empg_iterations_with_vllm(ray_cluster, model_path, tmp_path, env, overr
         assert any(not torch.equal(before[k], v) for k, v in lm_weights(algo).items())
     finally:
         algo.stop()
+    terminal = "".join(capfd.readouterr())
+    assert "vllm" not in terminal.lower(), terminal[-2000:]
+    log = (exp.directory / LOG_FILE).read_text()
+    assert "INFO" in log and "EngineCore" in log
 
 
 @pytest.mark.vllm

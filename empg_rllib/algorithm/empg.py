@@ -48,7 +48,7 @@ from empg_rllib.core.update_plan import plan_update, split_rows
 from empg_rllib.sampling.async_sampling import AsyncSampler
 from empg_rllib.sampling.env_runner import LLMEnvRunner, token_spaces
 from empg_rllib.sampling.progress import SamplingHook, SamplingProgress
-from empg_rllib.sampling.runner_calls import HealthyRunners, errors_as_values, raise_env_failures
+from empg_rllib.sampling.runner_calls import HealthyRunners, errors_as_values, raise_runner_errors
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ class EMPG(Algorithm):
         a runner that dies are played again after RLlib restarts it. Evaluation episodes stay
         out of `env_runners/` (training metrics, lifetime env steps). An environment that raises
         anything but `EnvCrashed` (crashes are retried inside the runner) raises `EnvFailure`
-        here, naming the environment and the cause: a replay would fail the same way."""
+        here, naming the environment and the cause: a replay would fail the same way. So does
+        any other error a runner raises (its engine's, say: `RunnerError`), except a dead vLLM
+        engine process, which is a runner restart."""
         group = self.env_runner_group
         exp = self.config.experiment
         progress = SamplingProgress(
@@ -270,7 +272,7 @@ class EMPG(Algorithm):
                 return played, None if evaluation else runner.get_metrics()
 
             answers = group.foreach_env_runner(errors_as_values(play), local_env_runner=False, timeout_seconds=None)
-            raise_env_failures(answers)
+            raise_runner_errors(answers)
             for answer in answers:
                 played, runner_metrics = answer.value
                 episodes.extend(played)

@@ -36,7 +36,7 @@ def sync_to_runners(group: Any, weights: Any, version: int, timeout_s: float) ->
         runner.load_weights(weights, version)
 
     expected = group.healthy_worker_ids()
-    call = errors_as_values(load, caught=(Exception,), reraise=lambda runner, err: runner.engine_is_dead(err))
+    call = errors_as_values(load)
     answers = {a.worker: a for a in group.foreach_env_runner(call, local_env_runner=False, timeout_seconds=timeout_s)}
     for worker, answer in sorted(answers.items()):
         if answer.error is not None:

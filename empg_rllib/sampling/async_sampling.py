@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from empg_rllib.core.records import Episode, EpisodeRequest
-from empg_rllib.sampling.runner_calls import HealthyRunners, errors_as_values, raise_env_failures
+from empg_rllib.sampling.runner_calls import HealthyRunners, errors_as_values, raise_runner_errors
 from empg_rllib.util.ray_internals import calls_in_flight
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class AsyncSampler:
                 total.ready, total.episodes, total.lags = True, found.episodes, found.lags
                 return total
             for worker, answer in runners.fetch_ready_async_reqs(tags=TAG, timeout_seconds=0.5):
-                raise_env_failures([answer])
+                raise_runner_errors([answer])
                 groups, episodes, metrics = answer.value
                 if self.inflight.get(worker):
                     self.inflight[worker].popleft()

@@ -81,7 +81,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
             return HFEngine(self.module.lm, self.tokenizer, seed=seed, device=self.device)
         from empg_rllib.core.precision import resolve_dtype
-        from empg_rllib.sampling.engines.vllm import VLLMEngine, cpu_cores_for
+        from empg_rllib.sampling.engines.vllm import LOG_FILE, VLLMEngine, cpu_cores_for
 
         settings = exp.vllm
         dtype = settings.dtype or exp.dtype
@@ -100,6 +100,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             cpu_cores=cpu_cores_for(self.worker_index, self.config.num_cpus_per_env_runner)
             if self.device == "cpu"
             else None,
+            log_file=exp.directory / LOG_FILE,
         )
 
     # ---- RLlib contract ------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Calls from the driver onto RLlib's env runner actors.
 
-Two things every such call needs, in one place: an exception the driver must see comes back as
-a value (raised inside `foreach_env_runner`, RLlib's `apply` would exit the actor, which the
-driver takes for a dead runner and replays, forever for a deterministic error), and a driver
-with no healthy runner waits for RLlib to restart them, up to a deadline.
+Two things every such call needs, in one place: an exception comes back to the driver as a
+value (raised inside `foreach_env_runner`, RLlib's `apply` would exit the actor, which the
+driver takes for a dead runner and replays, up to RLlib's restart limit for a deterministic
+error), and a driver with no healthy runner waits for RLlib to restart them, up to a deadline.
+Only a dead vLLM engine process is raised to RLlib: a new runner starts a new engine.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,39 +26,52 @@ class Answer:
     value: Any = None
     error: str | None = None  # the caught exception's message
     error_type: str | None = None
+    trace: str | None = None  # where on the runner it was raised
     seconds: float = 0.0  # how long the call ran on the runner
 
     def describe_error(self) -> str:
         return f"{self.error_type}: {self.error}"
 
 
+class RunnerError(RuntimeError):
+    """A call on an env runner raised something other than an environment's error (its engine,
+    say) that replaying it on a restarted runner would raise again: the run stops."""
+
+
+def _engine_dead(runner: Any, err: BaseException) -> bool:
+    return runner.engine_is_dead(err)
+
+
 def errors_as_values(
     call: Callable[[Any], Any],
-    caught: tuple[type[BaseException], ...] = (EnvFailure,),
-    reraise: Callable[[Any, BaseException], bool] = lambda runner, err: False,
+    reraise: Callable[[Any, BaseException], bool] = _engine_dead,
 ) -> Callable[[Any], Answer]:
     """`call(runner)` as a function for `foreach_env_runner(_async)` that returns an `Answer`:
-    an exception of a `caught` type comes back in it, unless `reraise(runner, err)` says the
-    runner itself is broken (a dead engine), which must be raised for RLlib to replace it."""
+    an exception comes back in it, unless `reraise(runner, err)` says the runner itself is broken
+    (its engine process died), which must be raised for RLlib to replace it."""
 
     def on_runner(runner: Any) -> Answer:
         started = time.perf_counter()
         try:
             value = call(runner)
-        except caught as err:
+        except Exception as err:
             if reraise(runner, err):
                 raise
-            return Answer(runner.worker_index, error=str(err), error_type=type(err).__name__)
+            return Answer(runner.worker_index, error=str(err), error_type=type(err).__name__, trace=traceback.format_exc())
         return Answer(runner.worker_index, value, seconds=time.perf_counter() - started)
 
     return on_runner
 
 
-def raise_env_failures(answers: list[Answer]) -> None:
-    """An environment's error on any runner stops the run, naming the runner and the cause."""
+def raise_runner_errors(answers: list[Answer]) -> None:
+    """An error on any runner stops the run, naming the runner and the cause: `EnvFailure` for
+    an environment's, `RunnerError` (with the runner's traceback) for anything else."""
     for answer in answers:
-        if answer.error is not None:
+        if answer.error is None:
+            continue
+        if answer.error_type == EnvFailure.__name__:
             raise EnvFailure(f"env runner {answer.worker}: {answer.error}")
+        raise RunnerError(f"env runner {answer.worker}: {answer.describe_error()}\n{answer.trace}")
 
 
 class HealthyRunners:

@@ -1,10 +1,13 @@
-"""Environment variables set for the duration of a block (for the processes started inside it)."""
+"""What the processes started inside a block inherit: environment variables, and where their
+standard output and error go."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -21,3 +24,24 @@ def environ_set(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def errors_to(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, file descriptor 2 (standard error) writes to `path` (appended): for this
+    process until the block ends, and for good for every child process started inside it (what
+    vLLM's engine core prints, at exit included). Standard output is left alone: a live
+    progress display may be writing to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)

@@ -1,5 +1,6 @@
 """The embedded default, end to end: the offline model, an SFT warm start on expert
-demonstrations, EMPG RL from it, and both policies evaluated on the held-out splits."""
+demonstrations (`warm_start: sft`; a pretrained model starts as it is), EMPG RL from it, and
+both policies evaluated on the held-out splits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from empg_rllib.config.schema import Experiment
 from empg_rllib.core.statistics import success_gains
 from empg_rllib.util.fileio import write_json
 from empg_rllib.workflows import models
-from empg_rllib.workflows.runs import RAY_LOGS, SFT_MODEL, clear_run_dir, run_dir_of
+from empg_rllib.workflows.runs import RAY_LOGS, SFT_MODEL, clear_run_dir
 from empg_rllib.workflows.session import ray_session
 from empg_rllib.workflows.sft import describe, run_sft
 from empg_rllib.workflows.training import evaluate, evaluate_model, train
@@ -37,38 +38,48 @@ def run_demo(
     address: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo of `exp` from scratch (an earlier demo run in its directory is deleted) and
-    return its summary, also written to `<run dir>/demo_summary.json`: the SFT run, both
-    evaluations, RL's gain per split with its standard error, the wall time."""
-    run_dir = run_dir_of(exp)
+    return its summary, also written to `<run dir>/demo_summary.json`: the SFT run (None without
+    `warm_start: sft`), both evaluations (`before_rl`: the SFT model, or the base model zero-shot),
+    RL's gain per split with its standard error, the wall time."""
+    run_dir = exp.directory
     removed = clear_run_dir(run_dir)
     started = time.perf_counter()
     if removed:
         say(f"starting over: deleted the previous demo run's {', '.join(removed)} from {run_dir}")
-    with progress.phase(f"building the offline model {exp.model!r}"):
-        base_model = str(models.resolve_model(exp.model))
-    say(f"1. model {base_model} ({time.perf_counter() - started:.0f}s)")
-    with progress.phase(f"SFT: collecting {exp.sft.episodes} expert episodes"):
-        sft = run_sft(exp, run_dir / SFT_MODEL, log=progress.sft_logger(exp.sft.epochs, exp.sft.heldout_episodes))
-    say(f"2. {describe(exp, sft)}")
-    rl_exp = exp.model_copy(update={"model": sft["model"]})
+    with progress.phase(f"preparing the model {exp.model!r}"):
+        start_model = str(models.resolve_model(exp.model))
+    say(f"1. model {start_model} ({time.perf_counter() - started:.0f}s)")
+    sft = None
+    if exp.warm_start == "sft":
+        with progress.phase(f"SFT: collecting {exp.sft.episodes} expert episodes"):
+            sft = run_sft(exp, run_dir / SFT_MODEL, log=progress.sft_logger(exp.sft.epochs, exp.sft.heldout_episodes))
+        say(f"2. {describe(exp, sft)}")
+        start_model = sft["model"]
+    start = start_label(exp)
+    rl_exp = exp.model_copy(update={"model": start_model})
     splits, episodes = exp.evaluation.splits, exp.evaluation.episodes
     with ray_session(address=address, logs_to=run_dir / RAY_LOGS):
-        with progress.phase("evaluating the SFT model"):
-            sft_results = evaluate_model(rl_exp, sft["model"], splits, episodes, on_sampling=progress.sampling)
-        say(f"3. SFT-only evaluation done ({time.perf_counter() - started:.0f}s)")
+        with progress.phase(f"evaluating the {start} model"):
+            before = evaluate_model(rl_exp, start_model, splits, episodes, on_sampling=progress.sampling)
+        say(f"3. {start} evaluation done ({time.perf_counter() - started:.0f}s)")
         say(f"4. RL: {exp.iterations} iterations of {exp.loss.upper()}{' + EMPG' if exp.empg.enabled else ''}")
         with progress.phase("building the algorithm"):
-            summary = train(rl_exp, sft["model"], on_iteration=on_iteration, on_sampling=progress.sampling)
+            summary = train(rl_exp, start_model, on_iteration=on_iteration, on_sampling=progress.sampling)
         with progress.phase("evaluating the RL policy"):
             rl_results = evaluate(summary["checkpoint"], splits, episodes, on_sampling=progress.sampling)
     report = {
         "experiment": exp.model_dump(),
         "sft": sft,
-        "sft_only": sft_results,
+        "before_rl": before,
         "after_rl": rl_results,
-        "gain": success_gains(sft_results, rl_results),
+        "gain": success_gains(before, rl_results),
         "wall_s": time.perf_counter() - started,
         "checkpoint": summary["checkpoint"],
     }
     write_json(run_dir / SUMMARY_FILE, report)
     return report
+
+
+def start_label(exp: Experiment) -> str:
+    """What RL starts from, in words: the SFT model, or the base model zero-shot."""
+    return "SFT" if exp.warm_start == "sft" else "zero-shot"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from empg_envs.core import cache_dir
 from empg_rllib.util.fileio import atomic_directory
+from empg_rllib.workflows import pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +217,14 @@ def make_model(
 
 
 def resolve_model(spec: str) -> Path:
-    """A model directory for `spec`: a path, or `tiny:`/`small:` (optionally `tiny:seed=3`),
-    which is built offline once and cached under $EMPG_CACHE_DIR/models."""
+    """A model directory for `spec`: a path; `tiny:`/`small:` (optionally `tiny:seed=3`), built
+    offline once; `smollm2:` or a `.gguf` file, converted once; both cached under
+    $EMPG_CACHE_DIR/models."""
     size, sep, options = spec.partition(":")
+    if sep and size == pretrained.SMOLLM2:
+        if options:
+            raise ValueError(f"bad model spec {spec!r}: 'smollm2:' takes no options")
+        return pretrained.resolve_gguf(pretrained.smollm2_gguf())
     if sep and size in MODEL_SIZES:
         seed = 0
         for item in filter(None, options.split(",")):
@@ -235,9 +241,11 @@ def resolve_model(spec: str) -> Path:
             make_model(size, path, seed=seed)
         return path
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return pretrained.resolve_gguf(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"model {spec!r} is neither 'tiny:'/'small:' nor a directory with config.json"
+            f"model {spec!r} is neither 'tiny:'/'small:'/'smollm2:', a .gguf file nor a directory with config.json"
         )
     return path
 

@@ -20,11 +20,6 @@ RAY_LOGS = "ray_logs"
 SFT_MODEL = "sft_model"
 
 
-def run_dir_of(exp: Experiment) -> Path:
-    # Absolute: RLlib's checkpointing goes through pyarrow, which rejects relative paths.
-    return (Path(exp.run_dir) / exp.name).resolve()
-
-
 def save_checkpoint(algo: Any, run_dir: Path, exp: Experiment, model_path: str) -> Path:
     """Write a checkpoint atomically: into a staging dir, then one rename."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{algo.iteration:06d}"

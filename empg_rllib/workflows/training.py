@@ -20,7 +20,6 @@ from empg_rllib.workflows.runs import (
     latest_checkpoint,
     load_checkpoint,
     restore_checkpoint,
-    run_dir_of,
     save_checkpoint,
 )
 
@@ -76,7 +75,7 @@ def train(
     `on_sampling`: a live view of each batch being sampled (progress.SamplingHook)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = run_dir_of(exp)
+    run_dir = exp.directory
     check_run_dir(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     algo = build_algorithm(exp, model_path, on_sampling, shared_dir=run_dir)

@@ -34,13 +34,15 @@ import torch
 
 from empg_rllib.core.choices import ChoiceTrie, walk
 from empg_rllib.sampling.engines.base import Completion, FinishReason, SamplingParams, check_request
-from empg_rllib.util.environ import environ_set
+from empg_rllib.util.environ import environ_set, errors_to
 
 _WORKER = "empg_rllib.sampling.engines.vllm_worker"
 #: SamplingParams.extra_args keys read by `vllm_worker.ChoiceLogitsProcessor`: the token
 #: sequences a completion must be one of, and the id to force once one is complete.
 CHOICES_KEY = "empg_choices"
 END_ID_KEY = "empg_end_id"
+#: The file in the run directory that takes vLLM's log lines and its processes' output.
+LOG_FILE = "vllm.log"
 #: Seeds vLLM accepts per request.
 _SEED_BOUND = 2**31
 
@@ -83,7 +85,10 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         max_num_seqs: int | None = None,
         cpu_cores: Sequence[int] | None = None,
+        log_file: str | os.PathLike | None = None,
     ) -> None:
+        """`log_file`: where vLLM's INFO and WARNING lines and everything its processes print go
+        (its errors still reach this process's terminal); None leaves them on the terminal."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -126,8 +131,18 @@ class VLLMEngine:
         if self.on_cpu and cpu_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             bind = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpu_cores))}
         others = set(_vllm_children())
-        with environ_set(bind):
+        with contextlib.ExitStack() as start:
+            if log_file is not None:
+                # The engine core inherits the file as its standard error and logs there.
+                _log_to_file(log_file)
+                start.enter_context(errors_to(log_file))
+                config = start.enter_context(tempfile.NamedTemporaryFile("w", suffix=".json"))
+                json.dump(_logging_config(log_file), config)
+                config.flush()
+                bind.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_CONFIG_PATH=config.name)
+            start.enter_context(environ_set(bind))
             self.llm = LLM(**options)
+        self.log_file = log_file
         self.cpu_cores = list(cpu_cores or [])
         # This engine's processes only: a driver may hold another engine.
         self._pids = [pid for pid in _vllm_children() if pid not in others]
@@ -273,6 +288,37 @@ class VLLMEngine:
             shutil.rmtree(self._weights_dir)
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
+
+
+_LOG_FORMAT = "%(levelname)s %(asctime)s %(process)d %(name)s: %(message)s"
+
+
+def _logging_config(path: str | os.PathLike) -> dict[str, Any]:
+    """vLLM's logging in its engine processes (VLLM_LOGGING_CONFIG_PATH): INFO and up to `path`."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": _LOG_FORMAT}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": os.path.abspath(path), "formatter": "plain"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
+
+
+def _log_to_file(path: str | os.PathLike) -> None:
+    """vLLM's logger in this process: every line it lets through to `path`, errors also to the
+    terminal."""
+    import logging
+
+    logger = logging.getLogger("vllm")
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.ERROR)
+    path = os.path.abspath(path)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        logger.addHandler(handler)
 
 
 def _vllm_children() -> list[int]:
