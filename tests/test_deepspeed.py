@@ -99,6 +99,23 @@ def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_
 
 
 @pytest.mark.deepspeed
+def test_weights_leaving_a_zero2_learner_do_not_drag_its_flat_buffer(ray_cluster, model_path, tmp_path):
+    """ZeRO-1/2 parameters are views into one flat buffer; pickled for Ray, each view wrote the
+    whole buffer (SmolLM2 with 2 learners: 147 GB, killed by Ray's OOM guard)."""
+    from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 2}})
+    try:
+        learner = algo.learner_group._learner
+        assert any(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in learner._lm().parameters())
+        for state in (learner.full_state_dict(), learner.get_state()[COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]):
+            for name, tensor in state.items():
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+    finally:
+        algo.stop()
+
+
+@pytest.mark.deepspeed
 def test_a_non_finite_loss_skips_the_deepspeed_step(ray_cluster, model_path, tmp_path):
     algo = build(tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 2}}, micro_batch_size=2)
     try:

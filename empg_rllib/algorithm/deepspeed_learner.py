@@ -171,7 +171,8 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
 
     def get_state(self, components=None, *, not_components=None, **kwargs: Any) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
-        if self.zero_stage == 3 and COMPONENT_RL_MODULE in state:
+        if COMPONENT_RL_MODULE in state:
+            # ZeRO-3: the gathered weights; below: copies of the views into ZeRO's flat buffer.
             state[COMPONENT_RL_MODULE] = {DEFAULT_MODULE_ID: self.full_state_dict()}
         return state
 

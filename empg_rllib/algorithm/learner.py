@@ -47,6 +47,15 @@ def cast_floats(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def own_storage(value: Any) -> Any:
+    """`value`, or a copy of it if it is a tensor viewing part of a larger buffer (DeepSpeed's
+    ZeRO-1/2 keep every parameter as a view into one flat buffer). Pickled for Ray, a view writes
+    its whole buffer: SmolLM2's 272 tensors became 147 GB."""
+    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        return value.detach().clone()
+    return value
+
+
 class EMPGTorchLearner(TorchLearner):
     """Reads `config.experiment` for the loss settings and `micro_batch_size`."""
 
@@ -269,8 +278,8 @@ class EMPGTorchLearner(TorchLearner):
         floating-point ones cast to it on the learner's device first, so that the host never
         holds the fp32 copy."""
         if dtype is None:
-            return self._rl_module().get_state()
-        return {k: cast_floats(v.detach(), dtype).cpu() for k, v in self._rl_module().state_dict().items()}
+            return {k: own_storage(v) for k, v in self._rl_module().get_state().items()}
+        return {k: own_storage(cast_floats(v.detach(), dtype).cpu()) for k, v in self._rl_module().state_dict().items()}
 
     def publish_weights(self, to_object_store: bool) -> tuple[int, Any] | None:
         """Rank 0: (weights version, full weights), the weights put into Ray's object store
