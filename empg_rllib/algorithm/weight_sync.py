@@ -41,7 +41,8 @@ def sync_to_runners(group: Any, weights: Any, version: int, timeout_s: float) ->
     for worker, answer in sorted(answers.items()):
         if answer.error is not None:
             raise WeightSyncError(
-                f"env runner {worker} could not load weights version {version}: {answer.describe_error()}"
+                f"env runner {worker} could not load weights version {version}: {answer.describe_error()}\n"
+                f"{answer.trace}"
             )
     late = [w for w in expected if w not in answers and w in group.healthy_worker_ids()]
     if late:

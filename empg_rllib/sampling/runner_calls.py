@@ -4,7 +4,8 @@ Two things every such call needs, in one place: an exception comes back to the d
 value (raised inside `foreach_env_runner`, RLlib's `apply` would exit the actor, which the
 driver takes for a dead runner and replays, up to RLlib's restart limit for a deterministic
 error), and a driver with no healthy runner waits for RLlib to restart them, up to a deadline.
-Only a dead vLLM engine process is raised to RLlib: a new runner starts a new engine.
+Raised to RLlib, which replaces the runner, is only what a new runner may not meet again: a
+dead vLLM engine process, the runner's memory running out, an error of Ray itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Answer:
     error: str | None = None  # the caught exception's message
     error_type: str | None = None
     trace: str | None = None  # where on the runner it was raised
+    env_failure: bool = False  # an environment's error (`EnvFailure`)
     seconds: float = 0.0  # how long the call ran on the runner
 
     def describe_error(self) -> str:
@@ -38,17 +40,21 @@ class RunnerError(RuntimeError):
     say) that replaying it on a restarted runner would raise again: the run stops."""
 
 
-def _engine_dead(runner: Any, err: BaseException) -> bool:
-    return runner.engine_is_dead(err)
+def runner_broken(runner: Any, err: BaseException) -> bool:
+    """Whether `err` says the runner itself is broken rather than the call: its engine process
+    died, its memory ran out, or Ray failed under it (a weights board, an object lost)."""
+    from ray.exceptions import RayError
+
+    return isinstance(err, (MemoryError, RayError)) or runner.engine_is_dead(err)
 
 
 def errors_as_values(
     call: Callable[[Any], Any],
-    reraise: Callable[[Any, BaseException], bool] = _engine_dead,
+    reraise: Callable[[Any, BaseException], bool] = runner_broken,
 ) -> Callable[[Any], Answer]:
     """`call(runner)` as a function for `foreach_env_runner(_async)` that returns an `Answer`:
-    an exception comes back in it, unless `reraise(runner, err)` says the runner itself is broken
-    (its engine process died), which must be raised for RLlib to replace it."""
+    an exception comes back in it, unless `reraise(runner, err)` says the runner itself is
+    broken, which must be raised for RLlib to replace it."""
 
     def on_runner(runner: Any) -> Answer:
         started = time.perf_counter()
@@ -57,7 +63,13 @@ def errors_as_values(
         except Exception as err:
             if reraise(runner, err):
                 raise
-            return Answer(runner.worker_index, error=str(err), error_type=type(err).__name__, trace=traceback.format_exc())
+            return Answer(
+                runner.worker_index,
+                error=str(err),
+                error_type=type(err).__name__,
+                trace=traceback.format_exc(),
+                env_failure=isinstance(err, EnvFailure),
+            )
         return Answer(runner.worker_index, value, seconds=time.perf_counter() - started)
 
     return on_runner
@@ -69,7 +81,7 @@ def raise_runner_errors(answers: list[Answer]) -> None:
     for answer in answers:
         if answer.error is None:
             continue
-        if answer.error_type == EnvFailure.__name__:
+        if answer.env_failure:
             raise EnvFailure(f"env runner {answer.worker}: {answer.error}")
         raise RunnerError(f"env runner {answer.worker}: {answer.describe_error()}\n{answer.trace}")
 

