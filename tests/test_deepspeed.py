@@ -192,3 +192,12 @@ def test_zero_buckets_default_to_the_model_size():
     own = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 123}}
     kept = deepspeed_config(own, micro_batch_size=2, grad_clip=None, bf16=False, parameters=4_000_000)["zero_optimization"]
     assert kept == {"reduce_bucket_size": 123, "allgather_bucket_size": 4_000_000, "stage": 2}
+
+
+def test_an_offloaded_optimizer_takes_the_learners_own_adamw():
+    """The paper's 32B file offloads the optimizer; DeepSpeed refused the learner's AdamW there."""
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert deepspeed_config(offload, micro_batch_size=1, grad_clip=None, bf16=False)["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config({}, micro_batch_size=1, grad_clip=None, bf16=False)
+    own = {**offload, "zero_force_ds_cpu_optimizer": True}
+    assert deepspeed_config(own, micro_batch_size=1, grad_clip=None, bf16=False)["zero_force_ds_cpu_optimizer"] is True

@@ -73,6 +73,11 @@ def deepspeed_config(
         "allgather_bucket_size": bucket,
         **config.get("zero_optimization", {}),
     }
+    if config["zero_optimization"].get("offload_optimizer"):
+        # The learner hands DeepSpeed its own torch AdamW, which DeepSpeed refuses beside an
+        # offloaded optimizer unless told otherwise; its DeepSpeedCPUAdam would need a compiled
+        # op on every node. A block that sets the key keeps its own value.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
 
 
