@@ -325,14 +325,17 @@ def _log_to_file(path: str | os.PathLike) -> _RunLog:
     engine's file), only errors to the terminal. Returns the file's handler (`_stop_logging_to`)."""
     logger = logging.getLogger("vllm")
     path = os.path.abspath(path)
+    kept = None
     for handler in list(logger.handlers):
-        if isinstance(handler, _RunLog) and handler.baseFilename == path:
-            return handler
-        if isinstance(handler, _RunLog) or (isinstance(handler, logging.FileHandler) and handler.baseFilename == path):
+        if isinstance(handler, _RunLog) and handler.baseFilename == path and kept is None:
+            kept = handler
+        elif isinstance(handler, logging.FileHandler) and (isinstance(handler, _RunLog) or handler.baseFilename == path):
             logger.removeHandler(handler)
             handler.close()
         elif type(handler) is logging.StreamHandler:
             handler.setLevel(logging.ERROR)
+    if kept is not None:
+        return kept
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLog(path)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
