@@ -99,6 +99,30 @@ def test_two_deepspeed_learners_train_like_one_torch_learner(ray_cluster, model_
 
 
 @pytest.mark.deepspeed
+def test_zero3_kl_reference_is_the_initial_policy_sharded_like_it(ray_cluster, model_path, tmp_path):
+    """ZeRO-3 partitions the LM in place; the KL reference is copied before that and sharded in
+    its own engine: it scores as the initial policy did and does not move with the update."""
+    algo = build(
+        tmp_path, model_path, learner_backend="deepspeed", deepspeed={"zero_optimization": {"stage": 3}},
+        num_learners=2, kl_coef=0.1, **SETTINGS,
+    )
+    try:
+        columns = synthetic_batch(rows=7, seed=3)
+        before = algo.score_batch(columns)
+        mask = columns["resp_mask"] > 0
+        np.testing.assert_allclose(before["ref_logp"][mask], before["token_logp"][mask], rtol=0, atol=1e-6)
+        algo.update_learners(train_batch(algo, columns))
+        after = algo.score_batch(columns)
+        np.testing.assert_allclose(after["ref_logp"][mask], before["ref_logp"][mask], rtol=0, atol=1e-6)
+        assert np.abs(after["token_logp"][mask] - before["token_logp"][mask]).max() > 1e-4
+        # Sharded: each rank holds a partition of every reference parameter, not a full copy.
+        sharded = algo.learner_group.foreach_learner(lambda learner: all(p.numel() == 0 for p in learner._reference.parameters()))
+        assert all(r.get() for r in sharded.result_or_errors)
+    finally:
+        algo.stop()
+
+
+@pytest.mark.deepspeed
 def test_weights_leaving_a_zero2_learner_do_not_drag_its_flat_buffer(ray_cluster, model_path, tmp_path):
     """ZeRO-1/2 parameters are views into one flat buffer; pickled for Ray, each view wrote the
     whole buffer (SmolLM2 with 2 learners: 147 GB, killed by Ray's OOM guard)."""

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
-from empg_rllib.algorithm.learner import EMPGTorchLearner, cast_floats
+from empg_rllib.algorithm.learner import EMPGTorchLearner, cast_floats, frozen_copy
 from empg_rllib.core.precision import resolve_dtype
 
 
@@ -113,6 +113,8 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
         )
         # DeepSpeed's bf16 path is its own; no autocast on top of it.
         module._compute_dtype = torch.float32
+        # ZeRO-3 partitions the LM in place: the KL reference is copied from the full weights first.
+        self._unpartitioned_reference = frozen_copy(module.lm) if self._needs_reference_copy() else None
         self.engine, *_ = deepspeed.initialize(
             model=module.lm,
             optimizer=self.get_optimizer(DEFAULT_MODULE_ID),
@@ -123,6 +125,22 @@ class EMPGDeepSpeedLearner(EMPGTorchLearner):
         # The algorithm's setup reads learner 0's weights once the group is built; every rank
         # is building right now, so the collective can run.
         self.gather_weights()
+
+    def _build_reference(self) -> torch.nn.Module | None:
+        reference, self._unpartitioned_reference = self._unpartitioned_reference, None
+        if reference is None or self.zero_stage < 3:
+            return reference
+        import deepspeed
+
+        # Under ZeRO-3 the reference is sharded as the policy is (a full copy per rank is what
+        # ZeRO-3 exists to avoid): its own engine without an optimizer, whose hooks gather each
+        # layer for the forward. Every rank scores the same number of micro-batches, so the
+        # gathers line up.
+        config = {key: self.ds_config[key] for key in ("train_micro_batch_size_per_gpu", "bf16", "steps_per_print")}
+        zero = {k: v for k, v in self.ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+        config["zero_optimization"] = zero
+        self._reference_engine, *_ = deepspeed.initialize(model=reference, config=config, dist_init_required=False)
+        return self._reference_engine.module.eval()
 
     # ---- backend hooks -----------------------------------------------------------------------
     @contextlib.contextmanager

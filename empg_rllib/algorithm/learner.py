@@ -47,6 +47,14 @@ def cast_floats(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` in eval mode with no parameter requiring gradients."""
+    copied = copy.deepcopy(module).eval()
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
 def own_storages(state: Mapping[str, Any]) -> dict[str, Any]:
     """`state` with every tensor that views part of a larger buffer replaced by a copy
     (DeepSpeed's ZeRO-1/2 keep every parameter as a view into one flat buffer; pickled for Ray, a
@@ -67,16 +75,18 @@ class EMPGTorchLearner(TorchLearner):
 
     def build(self) -> None:
         super().build()
-        exp = self.config.experiment
-        self._reference = None
-        # Under LoRA the initial policy is the base model, which never trains: the reference is
-        # the same model with its adapters off (`_reference_lm`), not a second copy.
-        if exp.kl_coef > 0 and exp.lora is None:
-            # A frozen copy of the initial policy; the KL term keeps the policy near it.
-            self._reference = copy.deepcopy(self._lm()).eval()
-            for p in self._reference.parameters():
-                p.requires_grad_(False)
+        self._reference = self._build_reference()
         self.skipped_updates_lifetime = 0
+
+    def _needs_reference_copy(self) -> bool:
+        """The KL term keeps the policy near a frozen copy of the initial policy. Under LoRA the
+        initial policy is the base model, which never trains: the reference is the same model
+        with its adapters off (`_reference_lm`), not a second copy."""
+        exp = self.config.experiment
+        return exp.kl_coef > 0 and exp.lora is None
+
+    def _build_reference(self) -> torch.nn.Module | None:
+        return frozen_copy(self._lm()) if self._needs_reference_copy() else None
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         params = [p for p in self.module[module_id].parameters() if p.requires_grad]
