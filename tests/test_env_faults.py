@@ -66,7 +66,10 @@ def test_group_is_dropped_whole_and_counted_when_retries_run_out(ray_cluster, mo
 
 @pytest.mark.timeout(300)
 def test_update_is_skipped_when_every_group_is_dropped(ray_cluster, model_path, tmp_path):
-    algo = build_algorithm(experiment(tmp_path, env_config={"crash_first": 1000}, env_crash_retries=1), model_path)
+    # One conversation at a time, no retries: three of the four episodes crash, so each of the
+    # two groups loses a member while one episode ends.
+    exp = experiment(tmp_path, env_config={"crash_first": 3}, env_crash_retries=0, max_concurrent_episodes=1)
+    algo = build_algorithm(exp, model_path)
     try:
         before = lm_weights(algo)
         result = algo.train()
@@ -74,9 +77,21 @@ def test_update_is_skipped_when_every_group_is_dropped(ray_cluster, model_path, 
     finally:
         algo.stop()
     runners = result["env_runners"]
-    assert runners["num_crashed_groups_dropped"] == 2 and runners["num_crashed_episodes"] == 4
+    assert runners["num_crashed_groups_dropped"] == 2 and runners["num_crashed_episodes"] == 3
     assert result["skipped_iterations"] == 1 and "train_turns" not in result
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(300)
+def test_an_iteration_where_no_episode_ends_stops_the_run(ray_cluster, model_path, tmp_path):
+    """An environment that crashes every time (a server nobody runs) stops the run at its first
+    iteration instead of skipping every update to the end."""
+    algo = build_algorithm(experiment(tmp_path, env_config={"crash_first": 1000}, env_crash_retries=1), model_path)
+    try:
+        with pytest.raises(EnvFailure, match=rf"iteration 1: every one of the 4 episodes of env '{FAULTY}' crashed on all 2 attempts"):
+            algo.train()
+    finally:
+        algo.stop()
 
 
 @pytest.mark.timeout(300)

@@ -1,7 +1,7 @@
 """The paper's experiment files (tuned_examples/paper/), each run for one iteration at miniature
 scale on a CPU: overrides shrink sizes only (SmolLM2-135M for the Qwen2.5 model, one task of
-two episodes, two short turns, CPU resources, no custom node types), and every code path the
-file names stays: `engine: vllm` on a remote runner, DeepSpeed ZeRO-3 with 2 learners (and
+two episodes, two short turns, CPU resources, no custom node types, WebShop's stand-in server
+for the real one), and every code path the file names stays: `engine: vllm` on a remote runner, DeepSpeed ZeRO-3 with 2 learners (and
 optimizer offload where the file has it), gradient checkpointing, `think`, history, KL, bf16.
 
 Slow (about 2 minutes a file on 2 cores): `make paper-smoke`.
@@ -22,10 +22,12 @@ PAPER = sorted((ROOT / "paper").glob("*.yaml"))
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.deepspeed, pytest.mark.timeout(900)]
 
 
-def miniature(config: dict[str, Any], model: str, run_dir: str) -> dict[str, Any]:
+def miniature(config: dict[str, Any], model: str, run_dir: str, webshop_url: str) -> dict[str, Any]:
     """`config` at miniature scale: what changes is sizes and where things live, never which
     code runs."""
     env_config = {k: v for k, v in config.get("env_config", {}).items() if k != "data_dir"}  # generated games
+    if "url" in env_config:
+        env_config["url"] = webshop_url
     vllm = {**config.get("vllm", {}), "tensor_parallel_size": 1, "kv_cache_gib": 0.5}
     return {
         **config,
@@ -55,12 +57,21 @@ def four_cpu_ray():
         yield
 
 
+@pytest.fixture(scope="module")
+def webshop_url():
+    """WebShop's stand-in server (the real one needs its 1.18M-product index), on localhost."""
+    from empg_envs.webshop.standin_server import StandinServer
+
+    with StandinServer() as server:
+        yield server.url
+
+
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
-def test_paper_file_runs_one_miniature_iteration(four_cpu_ray, smollm2_path, tmp_path, path):
+def test_paper_file_runs_one_miniature_iteration(four_cpu_ray, smollm2_path, webshop_url, tmp_path, path):
     from empg_rllib.workflows.training import build_algorithm
 
     full = validate(read_yaml(path))
-    exp = validate(miniature(read_yaml(path), str(smollm2_path), str(tmp_path)))
+    exp = validate(miniature(read_yaml(path), str(smollm2_path), str(tmp_path), webshop_url))
     # The code paths of the full-size file.
     for key in ("engine", "learner_backend", "deepspeed", "gradient_checkpointing", "think", "history_turns",
                 "kl_coef", "loss", "advantage", "empg", "dtype", "env"):

@@ -37,13 +37,14 @@ from empg_rllib.config.schema import EVAL_SEED, Experiment
 from empg_rllib.core import metrics
 from empg_rllib.core.advantages import step_entropy
 from empg_rllib.core.batch import (
+    TurnBatch,
     build_turn_batch,
     drop_uninformative_groups,
     episode_advantages,
     token_advantages,
 )
 from empg_rllib.core.losses import truncated_importance_weight
-from empg_rllib.core.records import Episode, EpisodeRequest, whole_groups
+from empg_rllib.core.records import EnvFailure, Episode, EpisodeRequest, whole_groups
 from empg_rllib.core.update_plan import plan_update, split_rows
 from empg_rllib.sampling.async_sampling import AsyncSampler
 from empg_rllib.sampling.env_runner import LLMEnvRunner, token_spaces
@@ -299,14 +300,24 @@ class EMPG(Algorithm):
         left (every group lost a member, or DAPO found none informative), the update is skipped
         with a warning and counted in `skipped_iterations`, and the next iteration draws new
         tasks: sampling replacement groups instead would hide a broken environment behind ever
-        longer iterations.
+        longer iterations. An iteration in which not one episode ended (an unreachable server)
+        stops the run with `EnvFailure`.
         """
         exp = self.config.experiment
         if self._async is not None:
             episodes = self._sample_async()
         else:
             requests = self._draw_groups()
-            episodes, crashed_groups = whole_groups(requests, self.sample_episodes(requests))
+            played = self.sample_episodes(requests)
+            if not played:
+                # Not one episode ended: the environment is unreachable or broken, not flaky.
+                # Going on would run every iteration to the same nothing.
+                raise EnvFailure(
+                    f"iteration {self.iteration + 1}: every one of the {len(requests)} episodes of env "
+                    f"{exp.env!r} crashed on all {exp.env_crash_retries + 1} attempts (env_config "
+                    f"{exp.env_config}); the env runners' warnings above name each crash's cause"
+                )
+            episodes, crashed_groups = whole_groups(requests, played)
             self._count_dropped("num_crashed_groups_dropped", len(crashed_groups))
             if crashed_groups:
                 logger.warning(
@@ -322,16 +333,9 @@ class EMPG(Algorithm):
             self._evaluate_if_due()
             return
         advantage = episode_advantages(episodes, scale_by_std=exp.advantage == "grpo")
-        batch = build_turn_batch(episodes, self._pad_id)
-
         started = time.perf_counter()
-        columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "resp_mask": batch.resp_mask}
-        if batch.allowed_ids is not None:
-            columns["allowed_ids"] = batch.allowed_ids
-        scores = self.score_batch(columns)
+        batch, scores, entropy = self.score_steps(episodes)
         self.metrics.log_value(metrics.LEARNER_SCORE_S, time.perf_counter() - started, window=1)
-        choices = batch.choice_mask() if exp.empg.step_entropy == "choice_tokens" else None
-        entropy = step_entropy(scores["token_entropy"], batch.resp_mask, choices)
         empg = exp.empg.modulation() if exp.empg.enabled else None
         step_adv, token_adv, terms = token_advantages(batch, advantage, entropy, empg)
         won = np.array([e.won for e in episodes], dtype=bool)[batch.traj_index]
@@ -396,6 +400,17 @@ class EMPG(Algorithm):
 
         results = self.learner_group.foreach_learner(call)
         return [value for _, value in sorted((r.get() for r in results.result_or_errors), key=lambda x: x[0])]
+
+    def score_steps(self, episodes: list[Episode]) -> tuple[TurnBatch, dict[str, np.ndarray], np.ndarray]:
+        """The turn batch of `episodes` (one row per step), the learner's pre-update scores of
+        it, and each step's entropy H_t as EMPG takes it (`empg.step_entropy`)."""
+        batch = build_turn_batch(episodes, self._pad_id)
+        columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "resp_mask": batch.resp_mask}
+        if batch.allowed_ids is not None:
+            columns["allowed_ids"] = batch.allowed_ids
+        scores = self.score_batch(columns)
+        choices = batch.choice_mask() if self.config.experiment.empg.step_entropy == "choice_tokens" else None
+        return batch, scores, step_entropy(scores["token_entropy"], batch.resp_mask, choices)
 
     def score_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The pre-update pass, each learner scoring its own contiguous share of the rows."""

@@ -329,7 +329,7 @@ class Rollout:
         else:
             (slot, request, _), env = job, outcome.env
         if isinstance(outcome.error, EnvCrashed):
-            self.handle_crash(slot, request, env, outcome.where)
+            self.handle_crash(slot, request, env, f"{outcome.where}: {outcome.error}")
         elif outcome.error is not None:
             self.fail(outcome.error, outcome.where, request, env)
         elif isinstance(job, _Conversation):
