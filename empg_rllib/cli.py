@@ -303,6 +303,68 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_setup(args: argparse.Namespace):
+    """What calibrate plays: a checkpoint's experiment and weights, or the file's (default: the
+    demo's) with --model, --env and --set and its model; every split, key, path and
+    --episodes checked before any episode."""
+    from empg_rllib.config.loading import apply_overrides, experiment_path, read_yaml, validate, with_values
+    from empg_rllib.config.schema import ConfigError
+    from empg_rllib.experiments.calibrate import CalibrationError, Source, check_episodes, checkpoint_sources
+    from empg_rllib.workflows import models
+
+    if args.checkpoint and (args.experiment or args.model or args.env):
+        raise SystemExit("empg calibrate: --checkpoint plays the checkpoint's own experiment; give no experiment "
+                         "file, --model or --env with it (--set still applies)")
+    try:
+        sources = None
+        if args.checkpoint:
+            exp, sources = checkpoint_sources(args.checkpoint)
+            data = exp.model_dump()
+        else:
+            data = read_yaml(experiment_path(args.experiment or str(DEMO_EXPERIMENT)))
+        # Strings as given (not parsed as YAML values: "tiny:" would be a mapping).
+        data = with_values(data, {key: value for key, value in (("model", args.model), ("env", args.env)) if value})
+        # As an evaluation split, the schema checks the split against the environment.
+        exp = validate(apply_overrides(data, [*args.set, f"evaluation.splits=[{args.split}]"]))
+        check_episodes(exp, args.episodes)
+        if sources is None:
+            quiet_libraries()
+            sources = [Source(exp.model, str(models.resolve_model(exp.model)))]
+    except (ConfigError, CalibrationError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"empg calibrate: {err}") from None
+    return exp, sources
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Play episodes without training and say whether step entropy flags failure (calibrate.py)."""
+    from empg_rllib.experiments import calibrate
+    from empg_rllib.sampling.progress import TerminalProgress
+    from empg_rllib.workflows.session import ray_session
+
+    exp, sources = _calibration_setup(args)
+    address = _ray_address(args)
+    quiet_libraries()
+    console = _console()
+    out = Path(args.out)
+    with TerminalProgress(console) as display:
+        with display.phase(f"calibrating {len(sources)} set(s) on {args.episodes} episodes of {exp.env} ({args.split})"), \
+                ray_session(address=address, logs_to=out / "ray_logs"):
+            sets = calibrate.collect(exp, sources, args.split, args.episodes, args.seed, on_sampling=display.sampling)
+    from rich.table import Table
+
+    markdown, results = calibrate.write(exp, args.split, sets, out)
+    table = Table(title=f"Does step entropy flag failure? {exp.env} ({args.split}), AUROC [95% interval]")
+    for column in ("set", "episodes", "success", "step AUROC", "trajectory AUROC", "verdict"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["label"], str(r["episodes"]), f"{r['success_rate']:.0%}", calibrate.interval(r["step_auroc"]),
+                      calibrate.interval(r["trajectory_auroc"]), r["verdict"]["label"])
+    console.print(table)
+    console.print(results[-1]["verdict"]["text"])
+    console.print(f"calibration: {markdown} (calibration.json and calibration.png beside it)")
+    return 0
+
+
 def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
@@ -312,7 +374,7 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from empg_rllib.config.schema import EVAL_SEED
+    from empg_rllib.config.schema import CALIBRATION_SEED, EVAL_SEED
 
     parser = argparse.ArgumentParser(prog="empg", description="EMPG for long-horizon LLM agents on Ray RLlib")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -386,6 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("compare", help="a compare file: base experiment, arms, seeds (docs/results.md)")
     _address_argument(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "calibrate", help="before training: does the model's step entropy flag failed steps (EMPG's premise)?"
+    )
+    p.add_argument("experiment", nargs="?", help="an experiment file (default: the demo's); its model, env, "
+                   "prompt, decoding and EMPG settings")
+    p.add_argument("--model", help="a model spec (tiny:, smollm2:, a model directory, a .gguf file)")
+    p.add_argument("--env", help="a registered environment id (`empg envs`); its settings: --set env_config.KEY=VALUE")
+    p.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                   help="checkpoints, or a run directory (all its checkpoints): how calibration moves in training")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted for sections)")
+    p.add_argument("--split", default="train", help="the environment split to play (default: train)")
+    p.add_argument("--episodes", type=int, default=64, help="a multiple of group_size (default: 64)")
+    p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed of the tasks drawn")
+    p.add_argument("--out", default="calibration", help="output folder (default: calibration/)")
+    _address_argument(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="figures and a markdown table comparing runs, from their TensorBoard logs")
     p.add_argument(

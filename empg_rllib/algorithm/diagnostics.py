@@ -10,6 +10,7 @@ import numpy as np
 from empg_rllib.core import metrics
 from empg_rllib.core.advantages import EMPGTerms
 from empg_rllib.core.batch import TurnBatch
+from empg_rllib.core.calibration import confident_errors
 
 
 def log_batch_diagnostics(
@@ -32,9 +33,7 @@ def log_batch_diagnostics(
     for q in metrics.STEP_ENTROPY_PERCENTILES:
         logger.log_value(metrics.step_entropy_percentile(q), float(np.percentile(entropy, q)), window=1)
     logger.log_value(metrics.STEP_ENTROPY_VALUES, entropy.tolist(), reduce="item_series", window=1)
-    # Confident errors: low-entropy steps (below the batch median) of failed trajectories.
-    confident_error = (entropy < np.median(entropy)) & (base < 0)
-    logger.log_value(metrics.CONFIDENT_ERROR_SHARE, float(confident_error.mean()), window=1)
+    logger.log_value(metrics.CONFIDENT_ERROR_SHARE, float(confident_errors(entropy, base).mean()), window=1)
     # Entropy vs outcome: do failed trajectories act as confidently as successful ones?
     # A batch without a won (or lost) episode logs no value rather than a made-up one.
     for outcome, steps in zip(metrics.OUTCOMES, (won, ~won)):

@@ -62,6 +62,9 @@ class EMPGSettings(_Strict):
 #: The task seeds of held-out evaluation start here (seed + i for the i-th episode), so that
 #: every evaluation of a run, and of runs compared, plays the same tasks.
 EVAL_SEED = 12345
+#: The seed of the tasks `empg calibrate` draws: every set of a calibration, and every
+#: calibration of one experiment, plays the same tasks.
+CALIBRATION_SEED = 777
 
 
 class EvaluationSettings(_Strict):

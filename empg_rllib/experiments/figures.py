@@ -72,6 +72,13 @@ def _label(ax: Any, title: str, xlabel: str, ylabel: str, percent: bool = False)
     ax.legend(fontsize="small")
 
 
+def plot_cumulative(ax: Any, edges: np.ndarray, counts: np.ndarray, **style: Any) -> None:
+    """The cumulative distribution of histogram `counts` over bucket `edges`, in percent: step
+    entropies crowd near 0, where a density would spike."""
+    below = np.concatenate([[0.0], np.cumsum(counts)]) / max(float(np.sum(counts)), 1.0)
+    ax.plot(edges, 100 * below, **style)
+
+
 @dataclass
 class Panel:
     """One axis: its titles and what to draw on it, run only once the layout is known."""
@@ -83,7 +90,7 @@ class Panel:
     percent: bool = False
 
 
-def _save(panels: list[Panel], title: str, path: Path, width: float | None = None) -> None:
+def save_panels(panels: list[Panel], title: str, path: Path, width: float | None = None) -> None:
     fig, axes = _figure(len(panels), width)
     for ax, panel in zip(axes, panels):
         panel.draw(ax)
@@ -147,7 +154,7 @@ class Figures:
                                 "evaluation success rate (%)", draw_eval, True))
         if not panels:
             return None
-        _save(panels, f"Learning curves ({BAND_NOTE})", self.out / "learning_curves.png")
+        save_panels(panels, f"Learning curves ({BAND_NOTE})", self.out / "learning_curves.png")
         note = "" if evaluated else "No run logged an evaluation. "
         if partial:
             note += (f"Only in the iteration panel: {', '.join(partial)} (history.json records neither env "
@@ -184,7 +191,7 @@ class Figures:
                       "task type", "training success rate (%)", draw, True)
         fig_title = "Success per task type (bar: mean over seeds; error bar: sample standard deviation over seeds)"
         width = max(9.0, 0.45 * len(types) * len(bars) + 3)
-        _save([panel], fig_title, self.out / "success_by_task_type.png", width)
+        save_panels([panel], fig_title, self.out / "success_by_task_type.png", width)
         return ""
 
     def step_entropy(self) -> str | None:
@@ -203,7 +210,7 @@ class Figures:
                                 self._distribution(run), True))
         if not panels:
             return None
-        _save(panels, "Step entropy over training (per step: mean entropy of its tokens)", self.out / "step_entropy.png")
+        save_panels(panels, "Step entropy over training (per step: mean entropy of its tokens)", self.out / "step_entropy.png")
         notes = []
         if not draw:
             notes.append("No run logged step-entropy percentiles.")
@@ -227,8 +234,7 @@ class Figures:
         def draw(ax: Any) -> None:
             for color, iteration in zip(colors, picks):
                 edges, counts = run.histograms[iteration]
-                below = np.concatenate([[0.0], np.cumsum(counts)]) / max(counts.sum(), 1.0)
-                ax.plot(edges, 100 * below, color=color, label=f"iteration {iteration}")
+                plot_cumulative(ax, edges, counts, color=color, label=f"iteration {iteration}")
 
         return draw
 
@@ -252,7 +258,7 @@ class Figures:
                                 "training iteration", "share of the batch's steps (%)", draw))
         if not panels:
             return None
-        _save(panels, f"Step entropy vs outcome ({BAND_NOTE})", self.out / "entropy_vs_outcome.png")
+        save_panels(panels, f"Step entropy vs outcome ({BAND_NOTE})", self.out / "entropy_vs_outcome.png")
         if not outcome:
             return (f"No run logged {ENTROPY_SUCCESS} / {ENTROPY_FAILURE} (runs from before these metrics): "
                     "the confident-error share only.")
@@ -269,7 +275,7 @@ class Figures:
                                     "training iteration", f"{name} (dimensionless)", draw))
         if not panels:
             return None
-        _save(panels, "EMPG's g and f over training (mean over seeds)", self.out / "empg_terms.png")
+        save_panels(panels, "EMPG's g and f over training (mean over seeds)", self.out / "empg_terms.png")
         without = [g.label for g in self.groups if not any(r.has(metrics.empg_term("g", "mean")) for r in g.runs)]
         return f"Not in it (no EMPG terms logged): {', '.join(without)}." if without else ""
 
