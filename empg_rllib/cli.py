@@ -324,6 +324,8 @@ def _calibration_setup(args: argparse.Namespace):
             data = read_yaml(experiment_path(args.experiment or str(DEMO_EXPERIMENT)))
         # Strings as given (not parsed as YAML values: "tiny:" would be a mapping).
         data = with_values(data, {key: value for key, value in (("model", args.model), ("env", args.env)) if value})
+        # The run's own files (vllm.log) go to the output folder, not the experiment's run directory.
+        data = with_values(data, {"run_dir": str(Path(args.out).resolve())})
         # As an evaluation split, the schema checks the split against the environment.
         exp = validate(apply_overrides(data, [*args.set, f"evaluation.splits=[{args.split}]"]))
         check_episodes(exp, args.episodes)
@@ -353,7 +355,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     markdown, results = calibrate.write(exp, args.split, sets, out)
-    table = Table(title=f"Does step entropy flag failure? {exp.env} ({args.split}), AUROC [95% interval]")
+    table = Table(title=f"Does step entropy flag failure? {exp.env} ({args.split}), AUROC [{calibrate.INTERVAL:.0%} interval]")
     for column in ("set", "episodes", "success", "step AUROC", "trajectory AUROC", "verdict"):
         table.add_column(column)
     for r in results:

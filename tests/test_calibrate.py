@@ -18,6 +18,7 @@ from empg_rllib.core.calibration import (
     success_by_decile,
     verdict,
 )
+from empg_rllib.experiments.calibrate import StepSet
 from tests.helpers import SMALL
 
 # ---- the statistics on a fixed set of steps -------------------------------------------------
@@ -75,11 +76,66 @@ def test_weight_share_and_confident_errors_by_hand():
         (Estimate(0.56, 0.51, 0.61), "weak signal"),
         (Estimate(0.52, 0.45, 0.60), "none"),
         (Estimate(0.30, 0.22, 0.41), "reversed"),
+        (Estimate(0.60, 0.55, 0.65), "signal"),  # the boundaries: the value at 0.6 counts
+        (Estimate(0.59, 0.55, 0.65), "weak signal"),
+        (Estimate(0.70, 0.50, 0.80), "none"),  # an interval that reaches 0.5 is no evidence
+        (Estimate(0.45, 0.40, 0.50), "none"),
         (Estimate(float("nan"), float("nan"), float("nan")), "undefined"),
+        (Estimate(0.75, float("nan"), float("nan")), "undefined"),  # no resample had both outcomes
     ],
 )
 def test_verdict_thresholds(estimate, label):
     assert verdict(estimate)[0] == label
+
+
+# ---- the analysis and the outputs on a synthetic set (no Ray) ---------------------------------
+def synthetic_set(label: str = "synthetic") -> StepSet:
+    """Eight trajectories in four groups of two, three steps each: failures are uncertain,
+    except one confident failure; the second group's members both won (DAPO would drop it)."""
+    rng = np.random.default_rng(0)
+    won_of = np.array([True, False, True, True, True, False, False, True])
+    trajectory = np.repeat(np.arange(8), 3)
+    won = won_of[trajectory]
+    entropy = np.where(won, 0.2, 0.9) + rng.uniform(0, 0.1, len(won))
+    entropy[trajectory == 6] = 0.05
+    base = np.where(won, 1.0, -1.0)
+    base[(trajectory == 2) | (trajectory == 3)] = 0.0
+    g = np.where(base == 0, np.nan, 1.0)
+    return StepSet(
+        label=label, iteration=None, episodes=8, success_rate=float(won_of.mean()), dropped_groups=1,
+        entropy=entropy, won=won, trajectory=trajectory, group=(trajectory // 2).astype(str),
+        task_type=np.where(trajectory < 4, "pick", "heat"), base_advantage=base, empg_advantage=1.5 * base, g=g,
+        f_next=np.ones(len(won)), has_next=np.tile([True, True, False], 8),
+        confident_error=np.isin(trajectory, [6]),
+    )
+
+
+def test_analyse_and_outputs_of_a_synthetic_set(tmp_path):
+    from empg_rllib.config.loading import validate
+    from empg_rllib.experiments.calibrate import analyse, write
+
+    steps = synthetic_set()
+    result = analyse(steps)
+    failed = ~steps.won
+    assert result["step_auroc"]["value"] == pytest.approx(auroc(steps.entropy, failed), abs=1e-4)
+    assert result["trajectory_auroc"]["value"] == pytest.approx(10 / 15, abs=1e-4)  # t1, t5 above all 5 wins, t6 below
+    assert (result["steps"], result["episodes"], result["dropped_groups"]) == (24, 8, 1)
+    assert set(result["by_task_type"]) == {"pick", "heat"}
+    assert result["by_task_type"]["pick"]["success_rate"] == 0.75
+    # g of a dropped group is undefined and left out of the means, not read as 0.
+    assert result["g_mean"] == {"success": 1.0, "failure": 1.0}
+    assert result["failed_weight_share"]["outcome_advantage"] == pytest.approx(0.5)
+    assert result["confident_error_share"] == pytest.approx(3 / 24, abs=1e-4)
+    assert result["verdict"]["label"] in ("signal", "weak signal", "none")
+
+    exp = validate({**SMALL, "env": "deepsearch"})
+    markdown, results = write(exp, "train", [synthetic_set("a"), synthetic_set("b")], tmp_path)
+    assert [r["label"] for r in results] == ["a", "b"]
+    text = markdown.read_text()
+    assert text.count("| a |") == 3 and "| b | heat |" in text and "## Verdict" in text  # a row, and one per task type
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert len(data["step_entropies"]["a"]["failure"]) == int(failed.sum())
+    assert (tmp_path / "calibration.png").stat().st_size > 10_000
 
 
 # ---- bad input, before any episode ------------------------------------------------------------
@@ -115,6 +171,31 @@ def test_a_checkpoint_that_is_not_one_and_a_file_that_does_not_validate(tmp_path
         main(["calibrate", str(bad)])
     with pytest.raises(SystemExit, match="--checkpoint plays the checkpoint's own experiment"):
         main(["calibrate", str(bad), "--checkpoint", str(tmp_path / "run")])
+
+
+def fake_checkpoint(run, name: str, **settings) -> None:
+    """A directory laid out as a checkpoint (its weights are never read here)."""
+    import yaml
+
+    path = run / name
+    (path / "algorithm").mkdir(parents=True)
+    (path / "experiment.yaml").write_text(yaml.safe_dump({**SMALL, "env": "deepsearch", **settings}))
+    (path / "model_path.txt").write_text("tiny:\n")
+
+
+def test_checkpoints_of_several_runs_are_labelled_by_run_and_must_play_alike(tmp_path):
+    from empg_rllib.experiments.calibrate import CalibrationError, checkpoint_sources
+
+    for run in ("a", "b"):
+        for name in ("checkpoint_000002", "checkpoint_000001"):
+            fake_checkpoint(tmp_path / run, name, lr=1e-3 if run == "a" else 1e-5)  # training may differ
+    exp, sources = checkpoint_sources([tmp_path / "a", tmp_path / "b" / "checkpoint_000002"])
+    assert [s.label for s in sources] == ["a/checkpoint_000001", "a/checkpoint_000002", "b/checkpoint_000002"]
+    assert exp.env == "deepsearch" and all(s.model_path == "tiny:" for s in sources)
+    assert [s.label for s in checkpoint_sources([tmp_path / "a"])[1]] == ["checkpoint_000001", "checkpoint_000002"]
+    fake_checkpoint(tmp_path / "c", "checkpoint_000001", max_turns=7, temperature=0.5)
+    with pytest.raises(CalibrationError, match=r"differ in max_turns, temperature"):
+        checkpoint_sources([tmp_path / "a", tmp_path / "c"])
 
 
 # ---- end to end on the tiny model ---------------------------------------------------------------

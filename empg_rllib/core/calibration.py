@@ -61,9 +61,9 @@ def auroc_estimate(
     score: np.ndarray, positive: np.ndarray, cluster: np.ndarray, seed: int = 0,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> Estimate:
-    """`auroc` with an interval from resampling whole clusters (trajectories) with replacement:
-    the steps of one trajectory are not independent, so resampling steps would understate the
-    width. Resamples with a single class are left out of the interval."""
+    """`auroc` with an interval from resampling whole clusters (e.g. a task's group of
+    rollouts) with replacement: the steps of one cluster are not independent, so resampling steps
+    would understate the width. Resamples with a single class are left out of the interval."""
     score = np.asarray(score, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     value = auroc(score, positive)

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from empg_rllib.config.schema import CALIBRATION_SEED, Experiment
-from empg_rllib.core.batch import episode_advantages, token_advantages
+from empg_rllib.core.advantages import empg_terms
+from empg_rllib.core.batch import drop_uninformative_groups, episode_advantages
 from empg_rllib.core.calibration import (
     BOOTSTRAP_RESAMPLES,
     INTERVAL,
@@ -39,6 +40,11 @@ from empg_rllib.workflows.training import build_algorithm
 
 #: Histogram buckets for the entropy distributions.
 BUCKETS = 60
+
+
+#: What checkpoints calibrated together must share: the tasks, the prompt's shape and the sampling.
+SAME_PLAY = ("env", "env_config", "max_turns", "group_size", "tasks_per_batch", "temperature", "max_new_tokens",
+             "think", "history_turns", "constrain_actions", "list_admissible_actions", "empg")
 
 
 class CalibrationError(ValueError):
@@ -63,16 +69,19 @@ class StepSet:
     iteration: int | None
     episodes: int
     success_rate: float
+    dropped_groups: int  # groups with a member whose environment crashed on every retry
     entropy: np.ndarray
     won: np.ndarray
     trajectory: np.ndarray
+    group: np.ndarray  # the task's group: its rollouts share a task, so they are resampled together
     task_type: np.ndarray
     base_advantage: np.ndarray
+    # EMPG's advantage of the step as training would use it; 0 for a step DAPO's filter drops.
     empg_advantage: np.ndarray
-    g: np.ndarray
+    g: np.ndarray  # NaN for a step DAPO's filter drops
     f_next: np.ndarray
     has_next: np.ndarray
-    confident_error_share: float
+    confident_error: np.ndarray  # bool, per round as training logs it
 
 
 def checkpoints_of(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -93,17 +102,26 @@ def checkpoints_of(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def checkpoint_sources(paths: Sequence[str | os.PathLike]) -> tuple[Experiment, list[Source]]:
-    """The experiment of the first checkpoint and a source per checkpoint."""
-    sources = []
-    exp = None
-    for path in checkpoints_of(paths):
+    """The experiment of the checkpoints (they must share what playing depends on) and a source
+    per checkpoint, labelled `<run>/<checkpoint>` when they come from several runs."""
+    checkpoints = checkpoints_of(paths)
+    several_runs = len({path.parent.resolve() for path in checkpoints}) > 1
+    sources, exp = [], None
+    for path in checkpoints:
         try:
             checkpoint_exp, model_path = load_checkpoint(path)
         except FileNotFoundError as err:
             raise CalibrationError(str(err)) from None
-        exp = exp or checkpoint_exp
-        sources.append(Source(path.name, model_path, path))
-    assert exp is not None
+        if exp is None:
+            exp, first = checkpoint_exp, path
+        else:
+            differ = [k for k in SAME_PLAY if getattr(checkpoint_exp, k) != getattr(exp, k)]
+            if differ:
+                raise CalibrationError(f"{path} and {first} differ in {', '.join(differ)}: calibrate checkpoints "
+                                       "that play the same way (one run's, or runs of one experiment)")
+        label = f"{path.parent.name}/{path.name}" if several_runs else path.name
+        sources.append(Source(label, model_path, path))
+    assert exp is not None  # checkpoints_of found at least one
     return exp, sources
 
 
@@ -126,110 +144,122 @@ def requests_of(exp: Experiment, episodes: int, seed: int) -> list[list[EpisodeR
 
 
 def play(algo: Any, exp: Experiment, label: str, rounds: list[list[EpisodeRequest]], split: str) -> StepSet:
-    """Play and score every round with `algo`'s current weights; no update."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "entropy", "won", "trajectory", "task_type", "base", "empg", "g", "f_next", "has_next")}
-    shares, episodes, wins, offset = [], 0, 0, 0
+    """Play and score every round with `algo`'s current weights; no update. Each round is one
+    training batch: the outcome advantages, DAPO's filter and EMPG's batch normalisation apply
+    to it as `EMPG.training_step` applies them."""
+    rows: list[dict[str, np.ndarray]] = []
+    episodes, wins, dropped, offset = 0, 0, 0, 0
     for requests in rounds:
         played = algo.sample_episodes(requests, split=split, temperature=exp.temperature, evaluation=True)
-        played, _ = whole_groups(requests, played)
+        played, crashed = whole_groups(requests, played)
+        dropped += len(crashed)
         if not played:
             continue
         episodes += len(played)
         wins += sum(e.won for e in played)
         advantage = episode_advantages(played, scale_by_std=exp.advantage == "grpo")
         batch, _, entropy = algo.score_steps(played)
-        _, _, terms = token_advantages(batch, advantage, entropy, exp.empg.modulation())
+        group = np.array([str(e.group) for e in played])[batch.traj_index]
         base = advantage[batch.traj_index]
-        shares.append(float(confident_errors(entropy, base).mean()))
-        parts["entropy"].append(entropy)
-        parts["won"].append(np.array([e.won for e in played], dtype=bool)[batch.traj_index])
-        parts["trajectory"].append(batch.traj_index + offset)
-        parts["task_type"].append(np.array([e.task_type for e in played])[batch.traj_index])
-        parts["base"].append(base)
-        for name in ("g", "f_next", "has_next"):
-            parts[name].append(getattr(terms, name))
-        parts["empg"].append(terms.advantage)
+        # Training modulates only the groups DAPO keeps; the others get no weight at all.
+        trained = np.ones(len(base), dtype=bool)
+        if exp.loss == "dapo":
+            kept = {str(e.group) for e in drop_uninformative_groups(played)[0]}
+            trained = np.isin(group, list(kept))
+        g, f_next, has_next, empg = np.full(len(base), np.nan), np.zeros(len(base)), np.zeros(len(base), bool), np.zeros(len(base))
+        if trained.any():
+            terms = empg_terms(entropy[trained], batch.traj_index[trained], batch.step_index[trained], base[trained],
+                               **exp.empg.modulation())
+            g[trained], f_next[trained], has_next[trained], empg[trained] = terms.g, terms.f_next, terms.has_next, terms.advantage
+        rows.append({
+            "entropy": entropy, "won": np.array([e.won for e in played], dtype=bool)[batch.traj_index],
+            "trajectory": batch.traj_index + offset, "group": group,
+            "task_type": np.array([e.task_type for e in played])[batch.traj_index], "base_advantage": base,
+            "empg_advantage": empg, "g": g, "f_next": f_next, "has_next": has_next,
+            "confident_error": confident_errors(entropy, base),
+        })
         offset += len(played)
     if not episodes:
         raise CalibrationError(f"{label}: no whole group was played on split {split!r} (every one crashed)")
-    joined = {k: np.concatenate(v) for k, v in parts.items()}
-    return StepSet(
-        label=label, iteration=algo.iteration or None, episodes=episodes, success_rate=wins / episodes,
-        entropy=joined["entropy"], won=joined["won"], trajectory=joined["trajectory"],
-        task_type=joined["task_type"], base_advantage=joined["base"], empg_advantage=joined["empg"],
-        g=joined["g"], f_next=joined["f_next"], has_next=joined["has_next"],
-        confident_error_share=float(np.mean(shares)),
-    )
+    joined = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    return StepSet(label=label, iteration=algo.iteration or None, episodes=episodes, success_rate=wins / episodes,
+                   dropped_groups=dropped, **joined)
 
 
 def collect(
     exp: Experiment, sources: list[Source], split: str, episodes: int, seed: int = CALIBRATION_SEED,
     on_sampling: SamplingHook | None = None,
 ) -> list[StepSet]:
-    """One StepSet per source, all on the same tasks."""
+    """One StepSet per source, all on the same tasks. Checkpoints share one algorithm, each
+    restored in turn."""
     rounds = requests_of(exp, episodes, seed)
-    sets = []
-    for source in sources:
-        shared = source.checkpoint.parent if source.checkpoint else None
-        algo = build_algorithm(exp, source.model_path, on_sampling, shared_dir=shared)
-        try:
+    first = sources[0]
+    shared = first.checkpoint.parent if first.checkpoint else None
+    algo = build_algorithm(exp, first.model_path, on_sampling, shared_dir=shared)
+    try:
+        sets = []
+        for source in sources:
             if source.checkpoint is not None:
                 restore_checkpoint(algo, source.checkpoint)
             sets.append(play(algo, exp, source.label, rounds, split))
-        finally:
-            algo.stop()
-    return sets
+        return sets
+    finally:
+        algo.stop()
 
 
 # ---- the analysis --------------------------------------------------------------------------
 def _mean(values: np.ndarray) -> float | None:
+    """The mean of the defined values, rounded; None when there are none."""
+    values = values[~np.isnan(values)]
     return round(float(values.mean()), 4) if values.size else None
-
-
-def analyse(steps: StepSet) -> dict[str, Any]:
-    """Everything calibration.json says about one set."""
-    failed = ~steps.won
-    traj_ids, first = np.unique(steps.trajectory, return_index=True)
-    traj_entropy = np.array([steps.entropy[steps.trajectory == t].mean() for t in traj_ids])
-    step_auroc = auroc_estimate(steps.entropy, failed, steps.trajectory)
-    label, sentence = verdict(step_auroc)
-    by_type = {}
-    for task_type in sorted(set(steps.task_type.tolist())):
-        rows = steps.task_type == task_type
-        in_type = np.isin(traj_ids, np.unique(steps.trajectory[rows]))
-        by_type[task_type] = {
-            "steps": int(rows.sum()),
-            "trajectories": int(in_type.sum()),
-            "success_rate": round(float(steps.won[first][in_type].mean()), 4),
-            "step_auroc": auroc_estimate(steps.entropy[rows], failed[rows], steps.trajectory[rows]).as_dict(),
-            "trajectory_auroc": auroc_estimate(traj_entropy[in_type], failed[first][in_type], traj_ids[in_type]).as_dict(),
-        }
-    next_rows = steps.has_next
-    return {
-        "label": steps.label,
-        "iteration": steps.iteration,
-        "episodes": steps.episodes,
-        "success_rate": round(steps.success_rate, 4),
-        "steps": len(steps.entropy),
-        "step_auroc": step_auroc.as_dict(),
-        "trajectory_auroc": auroc_estimate(traj_entropy, failed[first], traj_ids).as_dict(),
-        "by_task_type": by_type,
-        "success_by_entropy_decile": success_by_decile(steps.entropy, steps.won),
-        "step_entropy_mean": {"success": _mean(steps.entropy[steps.won]), "failure": _mean(steps.entropy[failed])},
-        "g_mean": {"success": _mean(steps.g[steps.won]), "failure": _mean(steps.g[failed])},
-        "f_mean": {"success": _mean(steps.f_next[next_rows & steps.won]), "failure": _mean(steps.f_next[next_rows & failed])},
-        "failed_weight_share": {
-            "outcome_advantage": _round(failed_weight_share(steps.base_advantage, failed)),
-            "empg_advantage": _round(failed_weight_share(steps.empg_advantage, failed)),
-        },
-        "confident_error_share": round(steps.confident_error_share, 4),
-        "verdict": {"label": label, "text": sentence},
-    }
 
 
 def _round(value: float) -> float | None:
     return None if np.isnan(value) else round(value, 4)
+
+
+def analyse(steps: StepSet) -> dict[str, Any]:
+    """Everything calibration.json says about one set. Intervals resample whole groups: the
+    rollouts of one task share its difficulty, which moves both entropy and outcome."""
+    failed = ~steps.won
+    traj_ids, first = np.unique(steps.trajectory, return_index=True)
+    traj_entropy = np.array([steps.entropy[steps.trajectory == t].mean() for t in traj_ids])
+    traj_failed, traj_group = failed[first], steps.group[first]
+    step_auroc = auroc_estimate(steps.entropy, failed, steps.group)
+    label, sentence = verdict(step_auroc)
+    by_type = {}
+    for task_type in sorted(set(steps.task_type.tolist())):
+        rows = steps.task_type == task_type
+        of_type = steps.task_type[first] == task_type
+        by_type[task_type] = {
+            "steps": int(rows.sum()),
+            "trajectories": int(of_type.sum()),
+            "success_rate": round(float(steps.won[first][of_type].mean()), 4),
+            "step_auroc": auroc_estimate(steps.entropy[rows], failed[rows], steps.group[rows]).as_dict(),
+            "trajectory_auroc": auroc_estimate(traj_entropy[of_type], traj_failed[of_type], traj_group[of_type]).as_dict(),
+        }
+    has_next = steps.has_next
+    return {
+        "label": steps.label,
+        "iteration": steps.iteration,
+        "episodes": steps.episodes,
+        "dropped_groups": steps.dropped_groups,
+        "success_rate": round(steps.success_rate, 4),
+        "steps": len(steps.entropy),
+        "step_auroc": step_auroc.as_dict(),
+        "trajectory_auroc": auroc_estimate(traj_entropy, traj_failed, traj_group).as_dict(),
+        "by_task_type": by_type,
+        "success_by_entropy_decile": success_by_decile(steps.entropy, steps.won),
+        "step_entropy_mean": {"success": _mean(steps.entropy[steps.won]), "failure": _mean(steps.entropy[failed])},
+        "g_mean": {"success": _mean(steps.g[steps.won]), "failure": _mean(steps.g[failed])},
+        "f_mean": {"success": _mean(steps.f_next[has_next & steps.won]), "failure": _mean(steps.f_next[has_next & failed])},
+        "failed_weight_share": {
+            "outcome_advantage": _round(failed_weight_share(steps.base_advantage, failed)),
+            "empg_advantage": _round(failed_weight_share(steps.empg_advantage, failed)),
+        },
+        "confident_error_share": round(float(steps.confident_error.mean()), 4),
+        "verdict": {"label": label, "text": sentence},
+    }
 
 
 # ---- the outputs ---------------------------------------------------------------------------
@@ -254,8 +284,9 @@ def summary_markdown(exp: Experiment, split: str, results: list[dict[str, Any]])
         f"k={settings.k}, k_f={settings.k_f}, zeta={settings.zeta}, over batches of {exp.tasks_per_batch} groups "
         f"of {exp.group_size} as in training (temperature {exp.temperature}). AUROC: of the step entropy for "
         f"\"this step belongs to a failed trajectory\" (step) and of a trajectory's mean step entropy for its "
-        f"failure (trajectory); 0.5 is no signal. Intervals: {INTERVAL:.0%} bootstrap over trajectories "
-        f"({BOOTSTRAP_RESAMPLES} resamples).",
+        f"failure (trajectory); 0.5 is no signal. Intervals: {INTERVAL:.0%} bootstrap resampling whole groups "
+        f"(a task's {exp.group_size} rollouts; {BOOTSTRAP_RESAMPLES} resamples). Under DAPO, g, f and EMPG's "
+        f"advantage are computed over the groups its filter keeps, as in training.",
         "",
         "| set | episodes | success | step AUROC | trajectory AUROC | H success / failure | g success / failure "
         "| failed share of abs(A): outcome / EMPG | confident errors | verdict |",
@@ -328,7 +359,8 @@ def draw(exp: Experiment, sets: list[StepSet], results: list[dict[str, Any]], pa
                 mid = np.array([np.nan if v["value"] is None else v["value"] for v in values])
                 low = np.array([np.nan if v["low"] is None else v["low"] for v in values])
                 high = np.array([np.nan if v["high"] is None else v["high"] for v in values])
-                ax.errorbar(x + 0.05 * i, mid, yerr=[mid - low, high - mid], marker="o", capsize=3,
+                # A percentile interval need not contain its estimate: no negative bar.
+                ax.errorbar(x + 0.05 * i, mid, yerr=np.clip([mid - low, high - mid], 0, None), marker="o", capsize=3,
                             color=palette[i], label=key.replace("_", " "))
             ax.axhline(0.5, color="grey", linestyle="--", label="no signal")
             ax.set_xticks(x, [r["label"] for r in results], rotation=30, ha="right", fontsize="small")
