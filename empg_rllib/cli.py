@@ -367,6 +367,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_env(args: argparse.Namespace) -> int:
+    """Serve a registered environment over HTTP (envs/remote) until Ctrl-C or SIGTERM."""
+    import secrets
+    import signal
+
+    from empg_envs import EnvError
+    from empg_envs.remote import PREFIX, TOKEN_ENV
+    from empg_envs.remote.server import EnvServer, Episodes
+    from empg_rllib.config.loading import apply_overrides
+    from empg_rllib.config.schema import ConfigError
+
+    given = os.environ.get(TOKEN_ENV)
+    token = given or secrets.token_urlsafe(32)
+    try:
+        episodes = Episodes(args.env_id, apply_overrides({}, args.set), token, max_turns=args.max_turns,
+                            idle_timeout_s=args.idle_timeout, max_episodes=args.max_episodes)
+        server = EnvServer(episodes, args.host, args.port)
+    except (ConfigError, EnvError, ValueError, OSError) as err:
+        raise SystemExit(f"empg serve-env: {err}") from None
+    print(f"serving {args.env_id} at {server.url}{PREFIX}/ (protocol: docs/agents.md); Ctrl-C stops it")
+    if given:
+        print(f"bearer token: ${TOKEN_ENV}")
+    else:
+        # Printed once, for the runners' environment; never written into a file of the project.
+        print(f"bearer token (set it as {TOKEN_ENV} where the runners run): {token}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: plain HTTP beyond this machine: the token crosses the network in clear; keep the "
+              "server on a private network or behind TLS")
+    url = server.url if args.host not in ("0.0.0.0", "::") else f"http://<this host>:{args.port}"
+    print(f"experiment: env: http, env_config: {{url: {url}}}", flush=True)
+    # SIGTERM (docker stop, systemd) ends it as Ctrl-C does: every open episode closed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.episodes.close_all()
+    return 0
+
+
 def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
@@ -467,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="calibration", help="output folder (default: calibration/)")
     _address_argument(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("serve-env", help="serve a registered environment over HTTP (env id `http` plays it)")
+    p.add_argument("env_id", help="a registered environment id (`empg envs`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an env_config key")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--max-turns", type=int, default=200, help="the longest episode a client may ask for")
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="close an episode idle this many seconds")
+    p.add_argument("--max-episodes", type=int, default=256, help="episodes open at once")
+    p.set_defaults(func=cmd_serve_env)
 
     p = sub.add_parser("report", help="figures and a markdown table comparing runs, from their TensorBoard logs")
     p.add_argument(

@@ -18,6 +18,7 @@ register("webshop", "empg_envs.webshop.env:WebShopEnv")
 register("webshop-server", "empg_envs.webshop.client:WebShopServerEnv")
 register("deepsearch", "empg_envs.deepsearch.env:DeepSearchEnv")
 register("twx/", "empg_envs.twx:TextWorldExpressEnv", prefix=True)
+register("http", "empg_envs.remote.client:RemoteEnv")
 
 __all__ = [
     "SPLITS",

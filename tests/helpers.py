@@ -49,6 +49,17 @@ def experiment(tmp_path, **overrides):
     return validate({**SMALL, "run_dir": str(tmp_path), **overrides})
 
 
+def train_one_iteration(exp, model_path) -> dict:
+    """The result of one training iteration of `exp`, its algorithm stopped."""
+    from empg_rllib.workflows.training import build_algorithm
+
+    algo = build_algorithm(exp, model_path)
+    try:
+        return algo.train()
+    finally:
+        algo.stop()
+
+
 def build(tmp_path, model_path, **overrides):
     """An algorithm of the LEARNER experiment (with `overrides`), its run directory under
     `tmp_path`."""

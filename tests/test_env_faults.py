@@ -13,7 +13,7 @@ from empg_rllib.core.records import EnvFailure
 from empg_rllib.sampling.runner_calls import RunnerError
 from empg_rllib.workflows.training import build_algorithm
 from tests.env_doubles import FaultyEnv
-from tests.helpers import SMALL, lm_weights
+from tests.helpers import SMALL, lm_weights, train_one_iteration
 
 FAULTY = "test-faulty"
 FAULTY_SMALL = {**SMALL, "env": FAULTY, "max_turns": 2, "max_new_tokens": 8}
@@ -52,11 +52,7 @@ def test_group_is_dropped_whole_and_counted_when_retries_run_out(ray_cluster, mo
     # One conversation at a time: the first request crashes on all three environments it gets
     # (one try, two retries); every later one plays on the fourth, healthy environment.
     exp = experiment(tmp_path, env_config={"crash_first": 3}, env_crash_retries=2, max_concurrent_episodes=1)
-    algo = build_algorithm(exp, model_path)
-    try:
-        result = algo.train()
-    finally:
-        algo.stop()
+    result = train_one_iteration(exp, model_path)
     runners = result["env_runners"]
     assert (runners["num_env_crashes"], runners["num_env_crash_retries"], runners["num_crashed_episodes"]) == (3, 2, 1)
     assert runners["num_episodes"] == 3
