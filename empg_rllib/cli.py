@@ -73,7 +73,8 @@ def _run_sft(display, exp, out: str | os.PathLike) -> dict[str, Any]:
 def _ray_address(args: argparse.Namespace) -> str | None:
     """The cluster to join: --address, else $RAY_ADDRESS; None starts a local Ray. --address is
     written into $RAY_ADDRESS, which Ray's own clients read before any argument. A dashboard
-    address (http://head:8265) only serves --dry-run, which reads the nodes through it."""
+    address (http://127.0.0.1:8265 through `ray dashboard`) only serves --dry-run, which reads
+    the nodes through it."""
     if getattr(args, "address", None):
         os.environ["RAY_ADDRESS"] = args.address
     address = os.environ.get("RAY_ADDRESS") or None

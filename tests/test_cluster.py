@@ -108,21 +108,28 @@ def plugin_dir(tmp_path_factory):
     return write_env_plugin(tmp_path_factory.mktemp("plugin"))
 
 
-def live_nodes_or_none(url: str) -> list | None:
-    from empg_rllib.workflows.cluster import live_nodes
-
-    try:
-        return live_nodes(url)[0]
-    except Exception:  # noqa: BLE001 - the dashboard is still starting: connection refused, 5xx
-        return None
+def dashboard_is_up(url: str, env: dict[str, str]) -> bool:
+    """Whether the dashboard at `url` lists a node, asked by another process: this one's Ray
+    client keeps the auth mode it first read."""
+    probe = "from empg_rllib.workflows.cluster import live_nodes; import sys; sys.exit(0 if live_nodes(sys.argv[1])[0] else 1)"
+    return subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, timeout=60, check=False).returncode == 0
 
 
 @pytest.fixture
 def ray_start_head():
-    """`ray start --head --block` with its own ports and a temp dir short enough for Ray's
-    sockets; SIGTERM to that one process stops every process it started."""
+    """`ray start --head --block` with token authentication on (as cluster/*.yaml start every
+    node), its own ports and a temp dir short enough for Ray's sockets; SIGTERM to that one
+    process stops every process it started. Yields the dashboard and GCS addresses and the
+    environment a client with the token runs in."""
+    import secrets
+
     temp = tempfile.mkdtemp(prefix="h", dir=os.environ["RAY_TMPDIR"])
     gcs, dashboard = free_port(), free_port()
+    # A token file, as the cluster configs ship one to every node (there: ~/.ray/auth_token).
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(16))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -131,17 +138,19 @@ def ray_start_head():
             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(Path(temp) / "head.err").open("w"),
+        env=env,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
         # Up when the dashboard lists the head node (it answers a few seconds before that).
         deadline = time.monotonic() + 120
-        while not live_nodes_or_none(url):
+        while not dashboard_is_up(url, env):
             if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start --head did not come up (exit code {head.poll()})")
+                raise RuntimeError(f"ray start --head did not come up (exit code {head.poll()}): "
+                                   f"{(Path(temp) / 'head.err').read_text()[-2000:]}")
             time.sleep(1)
-        yield url, f"127.0.0.1:{gcs}"
+        yield url, f"127.0.0.1:{gcs}", env
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=120)
@@ -156,14 +165,13 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_start_head, plugin_dir, 
     its checkpoint as a second job."""
     from empg_rllib.workflows.runs import latest_checkpoint, load_checkpoint
 
-    dashboard, gcs = ray_start_head
+    dashboard, gcs, env = ray_start_head
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(
         yaml.safe_dump(
             {**TINY, "name": "job", "env": ENV_ID, "model": model_path, "run_dir": str(tmp_path), "num_env_runners": 1}
         )
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
     def dry_run(address: str, *overrides: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -177,16 +185,26 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_start_head, plugin_dir, 
     dry = dry_run(gcs)
     assert dry.returncode == 0 and f"fits the 1 alive node(s) of the cluster at {gcs}" in dry.stdout, dry.stdout + dry.stderr
 
-    def submit(*command: str) -> str:
-        job = subprocess.run(
+    def submit(*command: str, client_env: dict[str, str] = env) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", dashboard,
              "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(plugin_dir)}}), "--", *command],
-            capture_output=True, text=True, env=env, timeout=500, check=False,
+            capture_output=True, text=True, env=client_env, timeout=500, check=False,
         )
+
+    # Token authentication is on: a client without the token, or with another one, submits nothing.
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"RAY_AUTH_MODE": "disabled"}
+    impostor = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"RAY_AUTH_TOKEN": "0" * 32}
+    for client_env in (anonymous, impostor):
+        refused = submit("echo", "owned", client_env=client_env)
+        assert refused.returncode != 0 and "AuthenticationError" in refused.stdout + refused.stderr
+
+    def succeeded(*command: str) -> str:
+        job = submit(*command)
         assert "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
         return job.stdout
 
-    out = submit(str(BIN / "empg"), "train", str(experiment))
+    out = succeeded(str(BIN / "empg"), "train", str(experiment))
     checkpoint = latest_checkpoint(tmp_path / "job")
     assert checkpoint is not None and checkpoint.name == "checkpoint_000002" and "checkpoint:" in out
     monkeypatch.syspath_prepend(str(plugin_dir))  # the checkpoint's experiment names the user's env
@@ -195,7 +213,7 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_start_head, plugin_dir, 
     finally:
         _REGISTRY.pop(ENV_ID, None)
     assert (exp.env, model) == (ENV_ID, model_path)
-    out = submit(str(BIN / "empg"), "eval", str(checkpoint), "--split", "eval_seen", "--episodes", "2")
+    out = succeeded(str(BIN / "empg"), "eval", str(checkpoint), "--split", "eval_seen", "--episodes", "2")
     assert "eval_seen" in out and "worker logs: in the driver's output" in out
 
 

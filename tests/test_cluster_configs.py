@@ -45,6 +45,20 @@ def test_cluster_config_passes_the_autoscaler_schema(path):
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_every_node_starts_ray_with_token_auth_and_a_private_dashboard(path):
+    """Anything that reaches an open dashboard can submit a job, which is arbitrary code: every
+    `ray start` turns token auth on, the head's dashboard stays on its loopback (reached through
+    `ray dashboard`), and the token comes from the user's machine, not from this repository."""
+    config = cluster(path)
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert not any("dashboard-host" in c for c in starts)
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    setup = " ; ".join(config["setup_commands"])
+    assert "export RAY_AUTH_MODE=token" in setup and "chmod 600 ~/.ray/auth_token" in setup
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
 @pytest.mark.parametrize(
     "breakage",
     ["fractional GPU count", "unknown top-level key", "node type without node_config"],

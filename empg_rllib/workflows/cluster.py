@@ -29,8 +29,8 @@ CHECK_TIMEOUT_S = 120.0
 
 def live_nodes(address: str | None = None) -> tuple[list[dict[str, float]], list[str]]:
     """(total resources, name) of every alive node of the cluster at `address`: a dashboard
-    address (http://head:8265, what `ray job submit` uses), a GCS address (head:6379) or
-    None for $RAY_ADDRESS. Reads Ray's state API; starts nothing on the cluster."""
+    address (http://127.0.0.1:8265 through `ray dashboard`, what `ray job submit` uses), a GCS
+    address (head:6379) or None for $RAY_ADDRESS. Reads Ray's state API; starts nothing on the cluster."""
     from ray.util.state import list_nodes
 
     nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000)
