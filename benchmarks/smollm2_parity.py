@@ -1,6 +1,6 @@
 """Sampler-learner log-prob gap on SmolLM2-135M-Instruct, fp32 and bf16: the HF engine samples
-ALFWorld-style prompts, the learner's pass (`core.scoring`, bf16 autocast over fp32 weights, as
-the learner trains) scores the same tokens. On a CPU without native bf16 the bf16 rows are
+from the first prompt of an ALFWorld, a WebShop and a DeepSearch task, the learner's pass
+(`core.scoring`, bf16 autocast over fp32 weights, as the learner trains) scores the same tokens. On a CPU without native bf16 the bf16 rows are
 computed in emulated bf16 (slow) and labelled so.
 
     python benchmarks/smollm2_parity.py
@@ -51,17 +51,19 @@ def _tokenizer(path: str):
 
 
 def main() -> None:
+    import empg_envs
     from empg_rllib.core.precision import cpu_bf16_flags
     from empg_rllib.sampling.prompting import build_prompt_ids
     from empg_rllib.workflows.models import resolve_model
 
     path = str(resolve_model("smollm2:"))
     tokenizer = _tokenizer(path)
-    tasks = ["put a clean mug in the coffeemachine", "find a red shoe under 40 dollars", "look at the bowl under the desklamp"]
-    prompts = [
-        build_prompt_ids(tokenizer, task, f"You are in the middle of a room. Looking around you, you see {task.split()[-1]} 1.")
-        for task in tasks
-    ]
+    prompts = []
+    for env_id in ("alfworld", "webshop", "deepsearch"):  # each family's first prompt of a real task
+        env = empg_envs.make(env_id, split="train")
+        observation, info = env.reset(seed=0)
+        prompts.append(build_prompt_ids(tokenizer, info["instruction"], observation))
+        env.close()
     rows = [gap("float32", False, prompts, path), gap("bfloat16", True, prompts, path)]
     native = bool(cpu_bf16_flags())
     for row in rows[1:]:
