@@ -199,9 +199,9 @@ def test_a_server_refuses_a_weak_token_and_per_request_keys():
 
 
 def test_numpy_values_in_an_info_stay_what_they_are(server):
-    from empg_envs.remote.server import _plain
+    from empg_envs.remote.http import plain
 
-    assert json.loads(json.dumps({"won": np.bool_(False), "score": np.float32(0.5)}, default=_plain)) == {
+    assert json.loads(json.dumps({"won": np.bool_(False), "score": np.float32(0.5)}, default=plain)) == {
         "won": False, "score": 0.5}
 
 
