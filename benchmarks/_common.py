@@ -67,3 +67,35 @@ def random_rows(
         mask[r, width - n :] = 1
         resp[r, width - 1 - responses[r] :] = 1.0
     return {"input_ids": ids, "attention_mask": mask, "resp_mask": resp}
+
+
+def paired_bars(
+    name: str, labels: list[str], pairs: dict[str, list[float]], notes: list[str], xlabel: str, title: str,
+    log: bool = False,
+) -> Path:
+    """Horizontal bars, two per label (`pairs`: legend -> one value per label), the second
+    annotated with `notes`; saved as benchmarks/results/<name>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    (first, a), (second, b) = pairs.items()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(labels)))
+    y = np.arange(len(labels))
+    ax.barh(y + 0.2, a, height=0.4, label=first)
+    ax.barh(y - 0.2, b, height=0.4, label=second)
+    for i, note in enumerate(notes):
+        ax.text(b[i], i - 0.2, f" {note}", va="center", fontsize="small")
+    ax.set_yticks(y, labels)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from empg_rllib.config.schema import ConfigError, Experiment, check_engine, check_environment
+from empg_rllib.config.schema import ConfigError, Experiment, check_agent, check_engine, check_environment
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -138,6 +138,7 @@ def validate(data: dict[str, Any]) -> Experiment:
     settings are checked after the schema (`check_environment`)."""
     exp = check(Experiment, data)
     check_environment(exp)
+    check_agent(exp)
     check_engine(exp)
     return exp
 

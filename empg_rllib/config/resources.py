@@ -90,7 +90,7 @@ def plan_of(exp: Experiment) -> Plan:
         name=exp.name,
         model=exp.model,
         engine=exp.engine,
-        env=exp.env,
+        env=exp.env if exp.agent is None else f"{exp.env}, played by agent {exp.agent!r} through the runners' chat endpoint",
         learner_backend=backend,
         actors=tuple(
             ActorGroup(role, counts[role], settings[role].ray_resources()) for role in ROLES if counts[role]

@@ -266,6 +266,13 @@ class Experiment(_Strict):
     env_config: dict[str, Any] = Field(
         {}, description="keyword arguments of the environment, checked by the env registry before Ray starts"
     )
+    agent: str | None = Field(
+        None,
+        description="a registered agent id (entry-point group empg_rllib.agents): the user's own agent loop plays "
+        "each episode against an OpenAI-compatible endpoint served by the env runner's engine, every call recorded "
+        "token for token as one step (docs/agents.md); null: the built-in one-action-per-turn prompt",
+    )
+    agent_config: dict[str, Any] = Field({}, description="keyword arguments of the agent, checked against it")
     env_crash_retries: int = Field(
         2,
         ge=0,
@@ -372,6 +379,12 @@ class Experiment(_Strict):
     def _loss_defaults(self) -> Experiment:
         if self.constrain_actions and self.think:
             raise ValueError("constrain_actions: true samples the action alone; set think: false")
+        if self.agent is not None and self.constrain_actions:
+            raise ValueError("constrain_actions needs the built-in prompt; an agent's calls sample freely")
+        if self.agent is not None and self.warm_start == "sft":
+            raise ValueError("warm_start: sft clones the built-in prompt's actions, not an agent's calls")
+        if self.agent is None and self.agent_config:
+            raise ValueError("agent_config is set but no agent is")
         # DAPO's clip-higher (0.2 / 0.28) unless the file sets the bounds itself.
         if self.clip_low is None:
             self.clip_low = 0.2
@@ -466,6 +479,18 @@ def check_engine(exp: Experiment) -> None:
 
 #: env_config keys the experiment sets itself, and the experiment key that does.
 _ENV_OWNED = {"split": "evaluation.splits and sft.split (training plays 'train')", "max_turns": "max_turns"}
+
+
+def check_agent(exp: Experiment) -> None:
+    """`agent` is a registered id and `agent_config` the keywords it takes."""
+    from empg_rllib.config.agents import AgentError, check_config
+
+    if exp.agent is None:
+        return
+    try:
+        check_config(exp.agent, exp.agent_config)
+    except AgentError as err:
+        raise ConfigError(str(err)) from None  # it names the agent id or the agent_config key
 
 
 def check_environment(exp: Experiment) -> None:

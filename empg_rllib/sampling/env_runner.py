@@ -32,6 +32,7 @@ from ray.rllib.utils.metrics import (
 import empg_envs
 from empg_rllib.core import metrics
 from empg_rllib.core.records import Episode, EpisodeRequest, RolloutStats
+from empg_rllib.sampling.agents.rollout import run_agent_episodes
 from empg_rllib.sampling.engines.base import SamplingParams
 from empg_rllib.sampling.env_processes import EnvProcesses
 from empg_rllib.sampling.rollout import run_episodes
@@ -156,27 +157,25 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             return []  # a runner with no groups this round logs nothing (no zero throughput)
         pool = self._idle_envs[split]
         stats = RolloutStats()
-        episodes = run_episodes(
-            self.engine,
-            self.tokenizer,
-            lambda: pool.pop() if pool else self.make_env(split),
-            requests,
-            SamplingParams(
-                max_new_tokens=self.experiment.max_new_tokens,
-                temperature=temperature or self.experiment.temperature,
-            ),
-            self.prompt_config,
-            max_concurrent=self.experiment.max_concurrent_episodes,
+        exp = self.experiment
+        sampling = SamplingParams(max_new_tokens=exp.max_new_tokens, temperature=temperature or exp.temperature)
+        options = dict(
+            max_concurrent=exp.max_concurrent_episodes,
             stats=stats,
             keep_envs=pool,
-            constrain_actions=self.experiment.constrain_actions,
-            crash_retries=self.experiment.env_crash_retries,
-            env_id=self.experiment.env,
-            on_turn=on_turn,
-            env_workers=self.experiment.env_workers,
-            seed=self.experiment.seed,
+            crash_retries=exp.env_crash_retries,
+            env_id=exp.env,
+            env_workers=exp.env_workers,
+            seed=exp.seed,
             before_batch=self._pull_weights if self._weights_board is not None else None,
         )
+        args = (self.engine, self.tokenizer, lambda: pool.pop() if pool else self.make_env(split), requests, sampling)
+        if exp.agent is not None:
+            episodes = run_agent_episodes(*args, exp.agent, exp.agent_config, **options)
+        else:
+            episodes = run_episodes(
+                *args, self.prompt_config, constrain_actions=exp.constrain_actions, on_turn=on_turn, **options
+            )
         if not evaluation:
             self._log_sample_metrics(episodes, stats)
         return episodes

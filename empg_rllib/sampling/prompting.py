@@ -108,7 +108,12 @@ def build_prompt_ids(
             ),
         },
     ]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return chat_ids(tokenizer, messages)
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None = None) -> list[int]:
+    """The model's own chat template over `messages`, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on newer transformers
         ids = ids["input_ids"]
     return [int(i) for i in ids]

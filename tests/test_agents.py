@@ -1,0 +1,171 @@
+"""A user's agent as the rollout: its calls through the endpoint become the episode's turns (the
+learner scores them alike), crashes are retried and groups dropped whole, its own repeated error
+stops the run naming it, bad agent settings fail at validation, and the example agent package
+trains one iteration on the tiny model through Ray."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from empg_rllib.config.agents import register
+from empg_rllib.config.loading import load, validate
+from empg_rllib.config.schema import ConfigError
+from empg_rllib.core.batch import build_turn_batch
+from empg_rllib.core.records import EnvFailure, EpisodeRequest, RolloutStats, whole_groups
+from empg_rllib.core.scoring import response_scores
+from empg_rllib.sampling.agents.rollout import run_agent_episodes
+from empg_rllib.sampling.engines.base import SamplingParams
+from empg_rllib.sampling.engines.hf import HFEngine
+from empg_rllib.sampling.prompting import chat_ids
+from tests.env_doubles import FaultyEnv
+from tests.helpers import SMALL, train_one_iteration
+
+SAMPLING = SamplingParams(max_new_tokens=8, temperature=0.9)
+SENT: dict[str, list[list[dict]]] = defaultdict(list)  # what the planner agent sent, by task id
+ATTEMPTS: dict[int, int] = defaultdict(int)  # the flaky agent's attempts, by seed
+
+
+async def planner(task, client, *, calls: int = 2):
+    """Asks `calls` times, keeping its history, then acts with the last answer."""
+    messages = [{"role": "system", "content": "Plan, then answer."}, {"role": "user", "content": task.instruction}]
+    for _ in range(calls):
+        SENT[task.task_id].append(list(messages))
+        reply = await client.chat.completions.create(model="policy", messages=messages)
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": "Go on."}]
+    await task.step(reply.choices[0].message.content)
+    return task.score
+
+
+async def flaky(task, client):
+    """Seed 7 fails on every attempt, each time differently; seed 8 fails its first attempt."""
+    seed = int(task.task_id.split("/")[1])
+    ATTEMPTS[seed] += 1
+    if seed == 7 or (seed == 8 and ATTEMPTS[seed] == 1):
+        raise RuntimeError(f"lost the connection to the tool server (attempt {ATTEMPTS[seed]})")
+    return await planner(task, client, calls=1)
+
+
+async def broken(task, client):
+    raise KeyError("observation")
+
+
+async def no_reward(task, client):
+    await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}])
+
+
+class Stepper:
+    """A class agent: made with its config, `run` per episode."""
+
+    def __init__(self, action: str = "ok") -> None:
+        self.action = action
+
+    async def run(self, task, client):
+        await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": task.instruction}])
+        await task.step(self.action)
+        return task.score
+
+
+for name, agent in [("test-planner", planner), ("test-flaky", flaky), ("test-broken", broken),
+                    ("test-no-reward", no_reward), ("test-stepper", Stepper)]:
+    register(name, agent)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    tokenizer, model = tiny_model
+    return HFEngine(model, tokenizer, seed=0)
+
+
+def play(engine, agent, seeds, env=FaultyEnv, agent_config=None, **options):
+    requests = [EpisodeRequest(seed=s, group=s // 2) for s in seeds]
+    return run_agent_episodes(engine, engine.tokenizer, env, requests, SAMPLING, agent, agent_config, **options)
+
+
+def test_each_call_of_the_agent_is_a_turn_recorded_as_sampled(engine, tiny_model):
+    tokenizer, model = tiny_model
+    stats = RolloutStats()
+    episodes = play(engine, "test-planner", [0, 1, 2, 3], stats=stats)
+    assert [e.seed for e in episodes] == [0, 1, 2, 3] and [e.group for e in episodes] == [0, 0, 1, 1]
+    for episode in episodes:
+        assert len(episode.turns) == 2
+        for messages, turn in zip(SENT[episode.task_id], episode.turns):
+            assert turn.prompt_ids == chat_ids(tokenizer, messages)
+        answer = episode.turns[-1].action  # what the agent stepped with: the endpoint's text
+        assert episode.won == (len(answer) % 2 == 0) and episode.score == float(episode.won)
+    assert stats.episodes == 4 and stats.env_steps == 8 and stats.engine_batches >= 2
+    batch = build_turn_batch(episodes, pad_id=tokenizer.pad_token_id)
+    ids, mask, resp = (torch.as_tensor(getattr(batch, k)) for k in ("input_ids", "attention_mask", "resp_mask"))
+    with torch.no_grad():
+        logp, _ = response_scores(model, ids, mask, resp, SAMPLING.temperature)
+    on = batch.resp_mask > 0
+    assert np.abs(logp.numpy()[on] - batch.sampler_logp[on]).max() < 1e-4
+
+
+def test_a_class_agent_is_made_with_its_config(engine):
+    episodes = play(engine, "test-stepper", [0, 1], agent_config={"action": "even"})
+    assert all(e.won and e.score == 1.0 for e in episodes)  # "even" has an even length
+
+
+def test_a_crashing_agent_is_retried_and_a_group_given_up_is_dropped_whole(engine):
+    ATTEMPTS.clear()
+    stats = RolloutStats()
+    seeds = [6, 7, 8, 9]
+    episodes = play(engine, "test-flaky", seeds, crash_retries=2, stats=stats)
+    assert [e.seed for e in episodes] == [6, 8, 9]
+    assert ATTEMPTS[7] == 3 and ATTEMPTS[8] == 2
+    assert stats.crashed_episodes == 1 and stats.env_crashes == 4 and stats.crash_retries == 3
+    kept, dropped = whole_groups([EpisodeRequest(seed=s, group=s // 2) for s in seeds], episodes)
+    assert dropped == [3] and [e.seed for e in kept] == [8, 9]
+
+
+def test_an_environment_crash_inside_the_agent_is_retried(engine):
+    FaultyEnv.made = 0
+    stats = RolloutStats()
+    episodes = play(engine, "test-stepper", [0], env=lambda: FaultyEnv(crash_first=1), stats=stats)
+    assert len(episodes) == 1 and stats.crash_retries == 1
+
+
+@pytest.mark.parametrize(
+    ("agent", "env", "message"),
+    [
+        ("test-broken", FaultyEnv, r"agent 'test-broken' raised KeyError on all 3 attempts of seed 0: 'observation'"),
+        ("test-no-reward", FaultyEnv, r"the agent must return the episode's reward \(a finite number\), got None"),
+        ("test-stepper", lambda: FaultyEnv(error_at="step"), r"raised ValueError at step 1 of task faulty/0"),
+    ],
+)
+def test_an_error_that_would_repeat_stops_the_run_naming_its_cause(engine, agent, env, message):
+    with pytest.raises(EnvFailure, match=message):
+        play(engine, agent, [0, 1], env=env, crash_retries=2)
+
+
+def test_bad_agent_settings_fail_at_validation():
+    base = {**SMALL, "env": "deepsearch"}
+    with pytest.raises(ConfigError, match="unknown agent id 'test-planer'; did you mean 'test-planner'"):
+        validate({**base, "agent": "test-planer"})
+    with pytest.raises(ConfigError, match="agent_config key 'cals': agent 'test-planner' takes \\['calls'\\]"):
+        validate({**base, "agent": "test-planner", "agent_config": {"cals": 3}})
+    with pytest.raises(ConfigError, match="constrain_actions needs the built-in prompt"):
+        validate({**base, "agent": "test-planner", "constrain_actions": True})
+    with pytest.raises(ConfigError, match="agent_config is set but no agent is"):
+        validate({**base, "agent_config": {"calls": 3}})
+    register("test-sync", lambda task, client: 0.0)
+    with pytest.raises(ConfigError, match="must be an async function"):
+        validate({**base, "agent": "test-sync"})
+
+
+@pytest.mark.timeout(600)
+def test_the_example_agent_package_trains_one_iteration(ray_cluster, model_path, tmp_path):
+    exp = load("tuned_examples/agent-react-alfworld.yaml",
+               ["iterations=1", "max_turns=3", "tasks_per_batch=2", "group_size=2", "num_env_runners=1",
+                f"run_dir={tmp_path}"])
+    assert exp.agent == "react-alfworld"  # installed from examples/react-agent through its entry point
+    result = train_one_iteration(exp, model_path)
+    runners = result["env_runners"]
+    assert runners["num_episodes"] == 4 and runners["num_env_crashes"] == 0
+    assert runners["num_env_steps_sampled"] >= 4  # one call at least per episode
+    assert result["training_iteration"] == 1
