@@ -108,3 +108,12 @@ def train_batch(algo, columns: dict[str, np.ndarray], seed: int = 1) -> dict[str
 def reduced(results: dict) -> dict[str, float]:
     """A learner's reduced metrics of the default module as plain numbers."""
     return {k: v.peek() if hasattr(v, "peek") else v for k, v in results["default_policy"].items()}
+
+
+class DeadEngine:
+    """An inference engine whose core has died: every batch raises."""
+
+    weights_version = 0
+
+    def generate(self, prompts, params, choices=None, seeds=None):
+        raise RuntimeError("engine core died")

@@ -18,8 +18,10 @@ from empg_rllib.core.batch import build_turn_batch
 from empg_rllib.core.records import Episode
 from empg_rllib.core.scoring import response_scores
 from empg_rllib.sampling.agents.endpoint import ChatEndpoint
+from empg_rllib.sampling.engines.base import Completion
 from empg_rllib.sampling.engines.hf import HFEngine
 from empg_rllib.sampling.prompting import chat_ids
+from tests.helpers import DeadEngine
 
 TOKEN = "endpoint-test-token-0123456789"
 TEMPERATURE = 0.7
@@ -60,7 +62,8 @@ def test_every_call_is_recorded_as_sampled_and_the_learner_scores_the_same_log_p
     for messages, turn in zip(sent, turns):
         # The model's own template, applied by the endpoint; the sampled ids kept as they are.
         assert turn.prompt_ids == chat_ids(tokenizer, messages)
-        assert turn.action == tokenizer.decode(turn.response_ids, skip_special_tokens=False)
+        ids = turn.response_ids[:-1] if turn.response_ids[-1] == tokenizer.eos_token_id else turn.response_ids
+        assert turn.action == tokenizer.decode(ids, skip_special_tokens=True)  # what the agent read
         assert len(turn.logprobs) == len(turn.response_ids) > 0
     # The learner's pass over the episode's rows: its batch builder, response-only scoring.
     batch = build_turn_batch([Episode("parity", "chat", 0, turns=turns)], pad_id=tokenizer.pad_token_id)
@@ -100,7 +103,7 @@ def test_a_call_samples_the_same_whichever_calls_share_its_batch(endpoint):
     endpoint.close_episode("seeded")
     other = client(endpoint.open_episode("other"))
     again = client(endpoint.open_episode("seeded"))
-    answers = {}
+    answers, batches = {}, endpoint.engine_batches
     threads = [threading.Thread(target=lambda: answers.__setitem__("o", chat(other, [{"role": "user", "content": "Hi"}]))),
                threading.Thread(target=lambda: answers.__setitem__("s", chat(again, messages)))]
     for t in threads:
@@ -108,7 +111,37 @@ def test_a_call_samples_the_same_whichever_calls_share_its_batch(endpoint):
     for t in threads:
         t.join()
     endpoint.close_episode("seeded"), endpoint.close_episode("other")
+    assert endpoint.engine_batches - batches == 1  # the two calls did share a batch
     assert answers["s"] == alone
+
+
+def test_the_agent_reads_the_text_without_the_end_of_turn_token_or_the_stop_string(endpoint, tiny_model):
+    tokenizer, _ = tiny_model
+    ids = tokenizer.encode("go to desk 1</action>", add_special_tokens=False)
+    sampled = Completion([*ids, tokenizer.eos_token_id], [0.0] * (len(ids) + 1), None, "eos")
+    assert endpoint.content(sampled, ()) == "go to desk 1</action>"
+    assert endpoint.content(sampled, ("</action>",)) == "go to desk 1"
+
+
+def test_an_episode_over_its_call_cap_is_answered_429(tiny_model):
+    tokenizer, model = tiny_model
+    with ChatEndpoint(HFEngine(model, tokenizer, seed=0), tokenizer, TOKEN, max_new_tokens=4, max_calls=2) as ep:
+        c = client(ep.open_episode("capped"))
+        for _ in range(2):
+            chat(c, [{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.RateLimitError, match="made 2 calls"):
+            chat(c, [{"role": "user", "content": "hi"}])
+        assert len(ep.close_episode("capped")) == 2
+
+
+def test_an_engine_failure_answers_503_to_this_call_and_every_later_one(tiny_model):
+    tokenizer, _ = tiny_model
+    with ChatEndpoint(DeadEngine(), tokenizer, TOKEN) as ep:
+        c = client(ep.open_episode("doomed"))
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError, match="engine core died"):
+                chat(c, [{"role": "user", "content": "hi"}])
+        assert isinstance(ep.engine_error, RuntimeError)
 
 
 @pytest.mark.parametrize(

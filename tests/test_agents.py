@@ -22,7 +22,7 @@ from empg_rllib.sampling.engines.base import SamplingParams
 from empg_rllib.sampling.engines.hf import HFEngine
 from empg_rllib.sampling.prompting import chat_ids
 from tests.env_doubles import FaultyEnv
-from tests.helpers import SMALL, train_one_iteration
+from tests.helpers import SMALL, DeadEngine, train_one_iteration
 
 SAMPLING = SamplingParams(max_new_tokens=8, temperature=0.9)
 SENT: dict[str, list[list[dict]]] = defaultdict(list)  # what the planner agent sent, by task id
@@ -54,15 +54,28 @@ async def broken(task, client):
     raise KeyError("observation")
 
 
+async def stubborn(task, client):
+    """Catches its environment's crash and reports a reward all the same."""
+    await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": task.instruction}])
+    try:
+        await task.step("even")
+    except Exception:  # noqa: BLE001 - the point of the test
+        pass
+    return 1.0
+
+
 async def no_reward(task, client):
     await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}])
 
 
 class Stepper:
-    """A class agent: made with its config, `run` per episode."""
+    """A class agent: made with its config, once per episode."""
+
+    made = 0
 
     def __init__(self, action: str = "ok") -> None:
         self.action = action
+        Stepper.made += 1
 
     async def run(self, task, client):
         await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": task.instruction}])
@@ -71,7 +84,7 @@ class Stepper:
 
 
 for name, agent in [("test-planner", planner), ("test-flaky", flaky), ("test-broken", broken),
-                    ("test-no-reward", no_reward), ("test-stepper", Stepper)]:
+                    ("test-no-reward", no_reward), ("test-stepper", Stepper), ("test-stubborn", stubborn)]:
     register(name, agent)
 
 
@@ -106,9 +119,24 @@ def test_each_call_of_the_agent_is_a_turn_recorded_as_sampled(engine, tiny_model
     assert np.abs(logp.numpy()[on] - batch.sampler_logp[on]).max() < 1e-4
 
 
-def test_a_class_agent_is_made_with_its_config(engine):
+def test_new_weights_are_pulled_before_every_engine_batch(engine):
+    """Asynchronous sampling loads the newest weights in `before_batch`, as in the built-in rollout."""
+    pulls, stats = [], RolloutStats()
+    play(engine, "test-planner", [0, 1], stats=stats, before_batch=lambda: pulls.append(engine.weights_version))
+    assert len(pulls) == stats.engine_batches >= 2
+
+
+def test_a_class_agent_is_made_with_its_config_once_per_episode(engine):
+    Stepper.made = 0
     episodes = play(engine, "test-stepper", [0, 1], agent_config={"action": "even"})
     assert all(e.won and e.score == 1.0 for e in episodes)  # "even" has an even length
+    assert Stepper.made == 2
+
+
+def test_copies_of_one_task_sample_with_their_own_seeds(engine):
+    episodes = play(engine, "test-planner", [0, 0])  # one group: two copies of seed 0
+    first, second = (e.turns[0] for e in episodes)
+    assert first.prompt_ids == second.prompt_ids and first.response_ids != second.response_ids
 
 
 def test_a_crashing_agent_is_retried_and_a_group_given_up_is_dropped_whole(engine):
@@ -123,11 +151,21 @@ def test_a_crashing_agent_is_retried_and_a_group_given_up_is_dropped_whole(engin
     assert dropped == [3] and [e.seed for e in kept] == [8, 9]
 
 
-def test_an_environment_crash_inside_the_agent_is_retried(engine):
+@pytest.mark.parametrize("agent", ["test-stepper", "test-stubborn"])
+def test_an_environment_crash_inside_the_agent_is_retried_and_the_crashed_env_never_reused(engine, agent):
     FaultyEnv.made = 0
-    stats = RolloutStats()
-    episodes = play(engine, "test-stepper", [0], env=lambda: FaultyEnv(crash_first=1), stats=stats)
-    assert len(episodes) == 1 and stats.crash_retries == 1
+    stats, pool = RolloutStats(), []
+    episodes = play(engine, agent, [0, 1], env=lambda: FaultyEnv(crash_first=1), stats=stats, keep_envs=pool)
+    assert len(episodes) == 2 and stats.crash_retries == 1 and stats.crashed_episodes == 0
+    assert pool and not any(env.unwrapped.crashes for env in pool)
+
+
+def test_the_engine_failing_stops_the_sampling_call_with_its_own_error(tiny_model):
+    tokenizer, _ = tiny_model
+    engine = DeadEngine()
+    engine.tokenizer = tokenizer
+    with pytest.raises(RuntimeError, match="engine core died"):
+        play(engine, "test-planner", [0, 1, 2, 3])
 
 
 @pytest.mark.parametrize(
@@ -135,7 +173,8 @@ def test_an_environment_crash_inside_the_agent_is_retried(engine):
     [
         ("test-broken", FaultyEnv, r"agent 'test-broken' raised KeyError on all 3 attempts of seed 0: 'observation'"),
         ("test-no-reward", FaultyEnv, r"the agent must return the episode's reward \(a finite number\), got None"),
-        ("test-stepper", lambda: FaultyEnv(error_at="step"), r"raised ValueError at step 1 of task faulty/0"),
+        ("test-stepper", lambda: FaultyEnv(error_at="step"), r"raised ValueError at step 1 of task faulty/\d"),
+        ("test-stepper", lambda: FaultyEnv(error_at="reset"), r"raised ValueError at reset \(seed \d\)"),
     ],
 )
 def test_an_error_that_would_repeat_stops_the_run_naming_its_cause(engine, agent, env, message):

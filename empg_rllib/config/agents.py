@@ -1,7 +1,8 @@
 """Agent ids -> agents: the user's own agent loop, trained through the chat endpoint.
 
 An agent is an `async def run(task, client, **config) -> float` (the episode's reward), or a
-class whose instances, made with `**config`, have `async def run(self, task, client) -> float`.
+class whose instances, made with `**config` (one per episode), have `async def run(self, task,
+client) -> float`.
 `task` is an `AgentTask` (the environment reset to one task), `client` an `openai.AsyncOpenAI`
 pointed at the episode's own base URL. Installed packages declare agents in the entry-point group
 `empg_rllib.agents` (name = agent id, value = "module:attribute"), read in whatever process looks
@@ -94,11 +95,12 @@ def check_config(agent_id: str, config: dict[str, Any]) -> None:
 
 
 def instantiate(agent: Callable[..., Any], config: dict[str, Any]) -> Callable[..., Any]:
-    """An async callable `(task, client) -> reward` for one episode."""
-    if inspect.isclass(agent):
-        return agent(**config).run
+    """An async callable `(task, client) -> reward` for one episode; a class agent gets a new
+    instance per episode, so that what it keeps on `self` never mixes episodes."""
 
     async def run(task: Any, client: Any) -> Any:
+        if inspect.isclass(agent):
+            return await agent(**config).run(task, client)
         return await agent(task, client, **config)
 
     return run

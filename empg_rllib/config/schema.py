@@ -273,6 +273,13 @@ class Experiment(_Strict):
         "token for token as one step (docs/agents.md); null: the built-in one-action-per-turn prompt",
     )
     agent_config: dict[str, Any] = Field({}, description="keyword arguments of the agent, checked against it")
+    agent_timeout_s: float = Field(
+        1800.0, gt=0, description="seconds an agent may take over one episode; longer is a crash (retried)"
+    )
+    agent_max_calls: int = Field(
+        64, ge=1, description="calls an agent may make in one episode (each is a row the learner trains on); the "
+        "endpoint answers 429 beyond"
+    )
     env_crash_retries: int = Field(
         2,
         ge=0,

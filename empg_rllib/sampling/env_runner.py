@@ -171,7 +171,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         )
         args = (self.engine, self.tokenizer, lambda: pool.pop() if pool else self.make_env(split), requests, sampling)
         if exp.agent is not None:
-            episodes = run_agent_episodes(*args, exp.agent, exp.agent_config, **options)
+            context = self.config.model_json().get("max_position_embeddings", 4096)
+            if exp.engine == "vllm" and exp.vllm.max_model_len:
+                context = min(context, exp.vllm.max_model_len)
+            episodes = run_agent_episodes(
+                *args, exp.agent, exp.agent_config, on_turn=on_turn, max_prompt_tokens=context - exp.max_new_tokens,
+                timeout_s=exp.agent_timeout_s, max_calls=exp.agent_max_calls, **options,
+            )
         else:
             episodes = run_episodes(
                 *args, self.prompt_config, constrain_actions=exp.constrain_actions, on_turn=on_turn, **options

@@ -67,9 +67,8 @@ class AlfWorldEnv(TextEnv):
         distractors: Sequence[int] = generator.DEFAULT_DISTRACTORS,
     ) -> None:
         super().__init__(max_turns=max_turns, split=split)
+        self.check_config(expert=expert)
         self._types = self._check_types(task_types)
-        if expert not in EXPERTS:
-            raise EnvConfigError(f"expert must be one of {EXPERTS}, got {expert!r}")
         self._expert = expert
         self._explorer: Explorer | None = None  # the explorer's memory of the current episode
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
@@ -99,6 +98,17 @@ class AlfWorldEnv(TextEnv):
         self._admissible: list[str] = []
         self._plan: list[str] | None = None
         self._won = False
+
+    @classmethod
+    def check_config(cls, **env_config: Any) -> None:
+        """TextEnv's checks and this environment's own keys, without starting the engine."""
+        super().check_config(**env_config)
+        if "task_types" in env_config:
+            cls._check_types(env_config["task_types"])
+        if "distractors" in env_config:
+            cls._check_distractors(env_config["distractors"])
+        if "expert" in env_config and env_config["expert"] not in EXPERTS:
+            raise EnvConfigError(f"expert must be one of {EXPERTS}, got {env_config['expert']!r}")
 
     @staticmethod
     def _check_distractors(distractors: Sequence[int]) -> tuple[int, int]:

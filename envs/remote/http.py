@@ -84,7 +84,10 @@ class JsonServer:
     """`app` behind a threading HTTP server: `start()` serves in a background thread,
     `serve_forever()` in this one; `close()` stops it."""
 
-    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0, max_body_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self, app: App, host: str = "127.0.0.1", port: int = 0, max_body_bytes: int = 64 * 1024, token: str | None = None
+    ) -> None:
+        """`token`: checked from the headers before the body is read (the app checks it too)."""
         self.app = app
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,7 +114,12 @@ class JsonServer:
                 return self.rfile.read(length) if length else b""
 
             def _serve(self, method: str) -> None:
-                body = self._body()
+                try:
+                    if token is not None:
+                        authorize(self.headers.get("Authorization"), token)
+                    body = self._body()
+                except RequestError as err:
+                    body = err.answer()
                 if isinstance(body, tuple):
                     status, payload = body
                     self.close_connection = True

@@ -207,7 +207,7 @@ class EnvServer(JsonServer):
     """`Episodes` behind a threading HTTP server (`JsonServer`), closing idle episodes on the side."""
 
     def __init__(self, episodes: Episodes, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(episodes, host, port, MAX_BODY_BYTES)
+        super().__init__(episodes, host, port, MAX_BODY_BYTES, token=episodes.token)
         self.episodes = episodes
         self._stop = threading.Event()
 

@@ -367,3 +367,13 @@ def test_official_data_layout(split_envs, tmp_path, monkeypatch):
     digest = hashlib.md5(str(trace(empg_envs.make("alfworld", split="train"), seed=1)).encode()).hexdigest()
     explicit = empg_envs.make("alfworld", split="train", data_dir=str(tmp_path))
     assert hashlib.md5(str(trace(explicit, seed=1)).encode()).hexdigest() == digest
+
+
+@pytest.mark.parametrize(
+    ("env_config", "named"),
+    [({"distractors": [0]}, "distractors"), ({"task_types": ["pick_and_fly"]}, "task_types"), ({"expert": "oracle"}, "expert")],
+)
+def test_bad_settings_fail_the_check_that_runs_before_any_environment_is_made(env_config, named):
+    with pytest.raises(empg_envs.EnvConfigError, match=named):
+        empg_envs.check_config("alfworld", **env_config)
+    empg_envs.check_config("alfworld", distractors=[0, 0], task_types=["look_at_obj_in_light"], expert="explorer")

@@ -14,12 +14,21 @@ is its own row.
 One thread calls the engine: requests wait in a queue and go to the engine together, once every
 open episode has a call waiting or `batch_wait_s` after the first arrived. Sampling follows the
 run: its temperature (a request asking another is refused: the learner scores at the run's),
-`max_tokens` capped at the run's `max_new_tokens`, one choice, no streaming. Every request needs
-the run's bearer token (401); a malformed one is answered 400 naming the field.
+`max_tokens` capped at the run's `max_new_tokens`, one choice, no streaming. Each call is seeded
+from its episode and its number (a request's `seed` is mixed in), so what it samples does not
+depend on which calls shared its batch, and copies of one task sample apart. The reply's content
+is the sampled text without the end-of-turn token and without a stop string it ended on (the
+recorded turn keeps every sampled id). `tools` go to the chat template; a tool call comes back as
+the model's own markup in the content (no `tool_calls` parsing yet). Every request needs the run's
+bearer token (401); a malformed one is answered 400 naming the field, one over the episode's call
+cap 429. When the engine itself fails, every waiting call is answered 503, later ones too, and
+`serve_batches()` raises the engine's error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import queue
 import secrets
@@ -62,9 +71,9 @@ class _Call:
 
 @dataclass
 class _Episode:
+    seed_of: Callable[[int], int]  # a call's seed from its number
     turns: list[Turn] = field(default_factory=list)
-    calls: int = 0  # requests taken, answered or not: each call's seed is drawn from its number
-    closed: bool = False
+    calls: int = 0  # requests taken, answered or not
 
 
 class ChatEndpoint:
@@ -89,17 +98,23 @@ class ChatEndpoint:
         port: int = 0,
         batch_wait_s: float = 0.01,
         model_name: str = "policy",
+        max_calls: int = 256,
         before_batch: Callable[[], None] | None = None,
+        after_batch: Callable[[], None] | None = None,
     ) -> None:
         if len(token) < 16:
             raise ValueError("the bearer token must have at least 16 characters")
         self.engine, self.tokenizer, self.token = engine, tokenizer, token
         self.temperature, self.max_new_tokens, self.max_prompt_tokens = temperature, max_new_tokens, max_prompt_tokens
-        self.seed, self.batch_wait_s, self.model_name, self.before_batch = seed, batch_wait_s, model_name, before_batch
+        self.seed, self.batch_wait_s, self.model_name, self.max_calls = seed, batch_wait_s, model_name, max_calls
+        self.before_batch, self.after_batch = before_batch, after_batch
         self._episodes: dict[str, _Episode] = {}
-        self._guard = threading.Lock()
+        self._guard = threading.Lock()  # the episodes, `_closing`, and every put into the queue
+        self._closing, self._closing_why = False, ""
+        self._template = threading.Lock()  # a fast tokenizer is not safe across threads
         self._queue: queue.Queue[_Call | None] = queue.Queue()
-        self._server = JsonServer(self, host, port, MAX_BODY_BYTES)
+        self._server = JsonServer(self, host, port, MAX_BODY_BYTES, token=token)
+        self.engine_error: BaseException | None = None
         self._batcher: threading.Thread | None = None
         self.engine_batches = 0
         self.engine_seconds = 0.0
@@ -114,21 +129,32 @@ class ChatEndpoint:
         `engine_thread=False` from whichever thread runs `serve_batches()` (the env runner's)."""
         self._server.start()
         if engine_thread:
-            self._batcher = threading.Thread(target=self.serve_batches, name="endpoint-engine", daemon=True)
+            self._batcher = threading.Thread(target=self._serve_in_background, name="endpoint-engine", daemon=True)
             self._batcher.start()
         return self
+
+    def _serve_in_background(self) -> None:
+        with contextlib.suppress(BaseException):  # kept in `engine_error`; every call is refused
+            self.serve_batches()
 
     def stop_batches(self) -> None:
         """Let `serve_batches()` return once the batch under way is answered."""
         self._queue.put(None)
+
+    def refuse_calls(self, why: str) -> None:
+        """Answer 503 to every call waiting and to every later one."""
+        with self._guard:
+            self._closing = True
+            self._closing_why = why
+        self._refuse_waiting()
 
     def close(self) -> None:
         """Stop serving; calls still waiting are answered 503."""
         self.stop_batches()
         if self._batcher is not None:
             self._batcher.join()
+        self.refuse_calls("the endpoint is closed")
         self._server.close()
-        self._refuse_waiting()
 
     def __enter__(self) -> ChatEndpoint:
         return self.start()
@@ -137,23 +163,23 @@ class ChatEndpoint:
         self.close()
 
     # ---- episodes ------------------------------------------------------------------------------
-    def open_episode(self, name: str | None = None) -> str:
-        """A new episode's base URL for an `openai` client (`base_url=`, `api_key=` the token)."""
+    def open_episode(self, name: str | None = None, seed_of: Callable[[int], int] | None = None) -> str:
+        """A new episode's base URL for an `openai` client (`base_url=`, `api_key=` the token).
+        `seed_of(n)` seeds its n-th call (default: from the endpoint's seed, the name and n)."""
         name = name or secrets.token_hex(8)
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"an episode name has letters, digits, '-' and '_' only, got {name!r}")
         with self._guard:
             if name in self._episodes:
                 raise ValueError(f"episode {name!r} is already open")
-            self._episodes[name] = _Episode()
+            self._episodes[name] = _Episode(seed_of or functools.partial(self.call_seed, name))
         return f"{self.url}/episodes/{name}/v1"
 
     def close_episode(self, name: str) -> list[Turn]:
-        """The episode's calls as turns, in the order they were answered; later calls get 404."""
+        """The episode's calls as turns, in the order they were answered; later calls get 404,
+        and a call being sampled is not recorded."""
         with self._guard:
-            episode = self._episodes.pop(name)
-            episode.closed = True
-        return episode.turns
+            return self._episodes.pop(name).turns
 
     # ---- HTTP ----------------------------------------------------------------------------------
     def handle(self, method: str, path: str, authorization: str | None, body: bytes) -> Answer:
@@ -184,10 +210,15 @@ class ChatEndpoint:
         episode = self._episode(name)
         prompt, params, seed = self._parse(body)
         with self._guard:
+            if self._closing:
+                raise RequestError(503, "Closed", self._closing_why)
+            if episode.calls >= self.max_calls:
+                raise RequestError(429, "TooManyCalls", f"episode {name!r} made {self.max_calls} calls, the run's cap")
             number = episode.calls
             episode.calls += 1
-        call = _Call(name, prompt, params, seed if seed is not None else self.call_seed(name, number))
-        self._queue.put(call)
+            derived = episode.seed_of(number)
+            call = _Call(name, prompt, params, derived if seed is None else zlib.crc32(f"{derived}/{seed}".encode()))
+            self._queue.put(call)
         completion: Completion = call.result.result()
         return {
             "id": f"chatcmpl-{name}-{number}",
@@ -196,7 +227,7 @@ class ChatEndpoint:
             "model": self.model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": {"role": "assistant", "content": completion.text},  # see _generate
                 "finish_reason": "length" if completion.finish_reason == "length" else "stop",
                 "logprobs": None,
             }],
@@ -237,7 +268,8 @@ class ChatEndpoint:
 
     def _prompt_ids(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> list[int]:
         try:
-            return chat_ids(self.tokenizer, messages, tools)
+            with self._template:
+                return chat_ids(self.tokenizer, messages, tools)
         except Exception as err:  # noqa: BLE001 - the template's own complaint, for the agent's author
             raise bad(f"field 'messages': the model's chat template refused them: {err}") from None
 
@@ -246,24 +278,39 @@ class ChatEndpoint:
         depend on which other calls shared its batch."""
         return zlib.crc32(f"{self.seed}/{name}/{number}".encode())
 
+    def content(self, completion: Completion, stop: Sequence[str]) -> str:
+        """What the agent reads: the sampled text without a final end-of-turn token and without
+        the stop string it ended on."""
+        ids = list(completion.token_ids)
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids.pop()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            if text.endswith(s):
+                return text[: -len(s)]
+        return text
+
     # ---- the engine's thread ---------------------------------------------------------------------
     def serve_batches(self) -> None:
-        """Answer queued calls in engine batches until `stop_batches()`."""
+        """Answer queued calls in engine batches until `stop_batches()`. An engine failure
+        refuses every call from then on and is raised here."""
         while True:
             first = self._queue.get()
             if first is None:
-                break
+                return
             calls = self._gather(first)
             stop = any(c is None for c in calls)
-            calls = [c for c in calls if c is not None]
             try:
-                self._generate(calls)
-            except Exception as err:  # noqa: BLE001 - the agents see it as a 500 and fail their episode
+                self._generate([c for c in calls if c is not None])
+            except BaseException as err:
+                self.engine_error = err
                 for call in calls:
-                    if not call.result.done():
-                        call.result.set_exception(RequestError(500, type(err).__name__, str(err)))
+                    if call is not None and not call.result.done():
+                        call.result.set_exception(RequestError(503, "EngineFailed", f"{type(err).__name__}: {err}"))
+                self.refuse_calls(f"the engine failed: {type(err).__name__}: {err}")
+                raise
             if stop:
-                break
+                return
 
     def _gather(self, first: _Call) -> list[_Call | None]:
         """`first` and what joins it: until every open episode waits, or `batch_wait_s`."""
@@ -287,28 +334,48 @@ class ChatEndpoint:
         if self.before_batch is not None:
             self.before_batch()
         for params, group in itertools.groupby(sorted(calls, key=lambda c: repr(c.params)), key=lambda c: c.params):
-            group = list(group)
-            t0 = time.perf_counter()
-            completions = self.engine.generate([c.prompt for c in group], params, seeds=[c.seed for c in group])
-            self.engine_seconds += time.perf_counter() - t0
-            self.engine_batches += 1
-            for call, completion in zip(group, completions):
-                turn = Turn(call.prompt, completion.token_ids, completion.logprobs, completion.entropies,
-                            completion.finish_reason, completion.weights_version, completion.text, None)
-                with self._guard:
-                    episode = self._episodes.get(call.episode)
-                    if episode is not None:  # closed while it sampled: the agent gave up on it
-                        episode.turns.append(turn)
-                call.result.set_result(completion)
+            self._sample(list(group), params)
+        if self.after_batch is not None:
+            self.after_batch()
+
+    def _sample(self, calls: list[_Call], params: SamplingParams) -> None:
+        """One engine call. A request the engine refuses (ValueError: a prompt over its context)
+        fails alone: the others are sampled again without it."""
+        t0 = time.perf_counter()
+        try:
+            completions = self.engine.generate([c.prompt for c in calls], params, seeds=[c.seed for c in calls])
+        except ValueError as err:
+            if len(calls) == 1:
+                calls[0].result.set_exception(bad(f"the engine refused the request: {err}"))
+                return
+            for call in calls:
+                self._sample([call], params)
+            return
+        self.engine_seconds += time.perf_counter() - t0
+        self.engine_batches += 1
+        for call, completion in zip(calls, completions):
+            completion.text = self.content(completion, params.stop)
+            turn = Turn(call.prompt, completion.token_ids, completion.logprobs, completion.entropies,
+                        completion.finish_reason, completion.weights_version, completion.text, None)
+            with self._guard:
+                episode = self._episodes.get(call.episode)
+                if episode is not None:  # closed while it sampled: the agent gave up on it
+                    episode.turns.append(turn)
+            call.result.set_result(completion)
 
     def _refuse_waiting(self) -> None:
+        stopping = False
         while True:
             try:
                 call = self._queue.get_nowait()
             except queue.Empty:
-                return
-            if call is not None:
-                call.result.set_exception(RequestError(503, "Closed", "the endpoint is closing"))
+                break
+            if call is None:
+                stopping = True
+            else:
+                call.result.set_exception(RequestError(503, "Closed", self._closing_why))
+        if stopping:  # `serve_batches` still has to see it
+            self._queue.put(None)
 
 
 def _messages(raw: list[Any]) -> list[dict[str, Any]]:
