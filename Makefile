@@ -62,6 +62,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/gradient_checkpointing.py
 	$(PY) benchmarks/smollm2_parity.py
 	$(PY) benchmarks/smollm2_examples.py
+	$(PY) benchmarks/remote_env.py
+	$(PY) benchmarks/agent_endpoint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

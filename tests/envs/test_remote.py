@@ -135,11 +135,13 @@ def test_one_connection_carries_many_requests_errors_included(server):
     assert statuses == [401, 200, 400, 200, 200] and answer["open_episodes"] == 1
 
 
-def test_a_body_without_a_usable_length_is_refused(server):
+def test_a_body_without_a_usable_length_is_refused(server, token):
     host, port = urllib.parse.urlparse(server.url).netloc.split(":")
-    for length, status in (("abc", 400), ("-5", 400)):
+    # The token is checked first, from the headers alone: a stranger's body is never read.
+    for auth, length, status in (("", "5", 401), (f"Authorization: Bearer {token}\r\n", "abc", 400),
+                                 (f"Authorization: Bearer {token}\r\n", "-5", 400)):
         with socket.create_connection((host, int(port)), timeout=10) as raw:
-            raw.sendall(f"POST /v1/episodes HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+            raw.sendall(f"POST /v1/episodes HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n\r\n".encode())
             assert raw.recv(200).decode().startswith(f"HTTP/1.1 {status}")
 
 
