@@ -4,8 +4,8 @@ through the endpoint with the real `openai` client, on the tiny model (HF engine
 Two settings: one agent calling in turn (a batch of one each time: the overhead is HTTP, JSON, the
 chat template and the batching thread's hand-off), and `--concurrent` agents calling at once
 against the engine's batched call of as many prompts. Each call samples `--tokens` tokens
-exactly (no stop), with a seed drawn from its number, so both sides generate the same tokens; the
-benchmark checks that. Medians over `--repeats`, both sides of each ratio in the same repeat, in
+at most (no stop string), with a seed drawn from its number, so both sides generate the same
+tokens; the benchmark checks that on the text the agent reads. Medians over `--repeats`, both sides of each ratio in the same repeat, in
 alternating order.
 
 Writes benchmarks/results/agent_endpoint.json and .png.
@@ -50,13 +50,13 @@ def measure(engine: Any, tokenizer: Any, calls: int, concurrent: int, tokens: in
     names = [f"bench{k}" for k in range(concurrent)]
     clients = [openai.OpenAI(base_url=endpoint.open_episode(n), api_key=TOKEN, max_retries=0) for n in names]
 
-    def direct() -> list[list[int]]:
+    def direct() -> list[str]:
         out = []
         for r in range(rounds):
             batch = range(r * concurrent, (r + 1) * concurrent)
             prompts = [chat_ids(tokenizer, messages(i)) for i in batch]
             seeds = [endpoint.call_seed(names[k], r) for k in range(concurrent)]
-            out += [c.token_ids for c in engine.generate(prompts, params, seeds=seeds)]
+            out += [endpoint.content(c, ()) for c in engine.generate(prompts, params, seeds=seeds)]
         return out
 
     def served() -> list[list[int]]:
@@ -88,7 +88,7 @@ def measure(engine: Any, tokenizer: Any, calls: int, concurrent: int, tokens: in
                 if repeat:
                     times[name].append(time.perf_counter() - t0)
                 if name == "direct":
-                    expected = [tokenizer.decode(ids, skip_special_tokens=False) for ids in result]
+                    expected = result  # what the agent would read: the endpoint's own rendering
                 else:
                     got = result
             same = same and got == expected
