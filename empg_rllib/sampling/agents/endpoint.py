@@ -227,7 +227,7 @@ class ChatEndpoint:
             "model": self.model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},  # see _generate
+                "message": {"role": "assistant", "content": completion.text},  # `content()`, set in `_sample`
                 "finish_reason": "length" if completion.finish_reason == "length" else "stop",
                 "logprobs": None,
             }],

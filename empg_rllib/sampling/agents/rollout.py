@@ -177,16 +177,14 @@ class AgentRollout:
             self.stats.engine_seconds += self.endpoint.engine_seconds
             self.stats.engine_batches += self.endpoint.engine_batches
             self.stats.wall_seconds += time.perf_counter() - started
-            if failure or self.endpoint.engine_error is not None:
+            healthy = not failure and self.endpoint.engine_error is None
+            if healthy and self.keep_envs is not None:
+                self.keep_envs.extend(self.idle_envs)
+            else:
                 for env in self.idle_envs:
                     _close(env)
         if failure:
             raise failure[0]
-        if self.keep_envs is not None:
-            self.keep_envs.extend(self.idle_envs)
-        else:
-            for env in self.idle_envs:
-                env.close()
         return [episode for episode in results if episode is not None]
 
     def _agents(self, results: list[Episode | None], failure: list[BaseException]) -> None:
