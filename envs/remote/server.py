@@ -1,7 +1,11 @@
 """`EnvServer`: one registered environment served over HTTP (protocol version 1).
 
-Each episode is its own environment instance, made on `POST /v1/episodes` and closed on
-`DELETE`, at its last step, or after `idle_timeout_s` without a call. Every request carries
+Each episode plays on its own environment instance, taken on `POST /v1/episodes` and given up on
+`DELETE`, at its last step, or after `idle_timeout_s` without a call (then closed). One given up
+cleanly (its last step, `DELETE`) waits idle for the next episode of the same split and
+`max_turns`, as the runners reuse theirs in process: an environment that starts an engine (TWX's
+JVM, about 0.5 s) starts it once, not once per episode. Idle ones are closed after
+`idle_timeout_s` and count against `max_episodes` (the oldest makes room). Every request carries
 `Authorization: Bearer <token>` (401 otherwise); a body over `MAX_BODY_BYTES` is refused (413),
 a malformed one answered 400 naming the field. Binds 127.0.0.1 unless told otherwise. The
 standard library's threading HTTP server (`http.JsonServer`): one thread per connection, so episodes step in
@@ -31,9 +35,13 @@ class _Episode:
     environment is never closed while it steps; `closed` tells a step that arrives after."""
 
     env: gym.Env
+    #: (split, max_turns): the episodes that may reuse `env` once this one ends.
+    kind: tuple[str, int]
     lock: threading.RLock = field(default_factory=threading.RLock)
     last_call: float = field(default_factory=time.monotonic)
     closed: bool = False
+    #: False once a call into `env` failed: it is closed at the end, never reused.
+    reusable: bool = True
 
 
 class Episodes:
@@ -58,6 +66,8 @@ class Episodes:
         self.max_turns, self.idle_timeout_s, self.max_episodes = max_turns, idle_timeout_s, max_episodes
         self._episodes: dict[str, _Episode] = {}
         self._starting = 0  # episodes being made: they count against max_episodes too
+        #: Environments of ended episodes, oldest first: (kind, env, idle since).
+        self._idle: list[tuple[tuple[str, int], gym.Env, float]] = []
         self._guard = threading.Lock()
 
     # ---- dispatch ---------------------------------------------------------------------------
@@ -98,22 +108,29 @@ class Episodes:
         if not 1 <= max_turns <= self.max_turns:
             raise bad(f"field 'max_turns': expected 1 to {self.max_turns} (the server's cap), got {max_turns}")
         self.reap()
+        kind = (split, max_turns)
         with self._guard:
             if len(self._episodes) + self._starting >= self.max_episodes:
                 raise RequestError(503, "Busy", f"{self.max_episodes} episodes are open; close some first")
+            env = self._take_idle(kind)
+            evicted = None
+            if env is None and len(self._episodes) + self._starting + len(self._idle) >= self.max_episodes:
+                evicted = self._idle.pop(0)[1]  # the oldest idle environment makes room
             self._starting += 1
         try:
-            env = self._call(lambda: make(self.env_id, split=split, max_turns=max_turns, **self.env_config))
+            if evicted is not None:
+                _close(evicted)
+            if env is None:
+                env = self._call(lambda: make(self.env_id, split=split, max_turns=max_turns, **self.env_config))
             try:
                 options = {"task": task} if task is not None else None
                 observation, info = self._call(lambda: env.reset(seed=seed, options=options))
             except RequestError:
-                with contextlib.suppress(Exception):
-                    env.close()
+                _close(env)
                 raise
             episode_id = secrets.token_hex(8)
             with self._guard:
-                self._episodes[episode_id] = _Episode(env)
+                self._episodes[episode_id] = _Episode(env, kind)
         finally:
             with self._guard:
                 self._starting -= 1
@@ -130,19 +147,20 @@ class Episodes:
             try:
                 observation, reward, terminated, truncated, info = self._call(lambda: episode.env.step(action))
             except RequestError as err:
+                episode.reusable = False
                 if err.kind == CRASHED:
                     self._drop(episode_id)
                 raise
             finally:
                 episode.last_call = time.monotonic()
             if terminated or truncated:
-                self._drop(episode_id)
+                self._drop(episode_id, reuse=True)
         return {"observation": observation, "reward": reward, "terminated": terminated, "truncated": truncated,
                 "info": info}
 
     def close(self, episode_id: str) -> dict[str, Any]:
         self._episode(episode_id)
-        self._drop(episode_id)
+        self._drop(episode_id, reuse=True)
         return {"closed": episode_id}
 
     # ---- episodes --------------------------------------------------------------------------
@@ -157,9 +175,17 @@ class Episodes:
             raise self._unknown(episode_id)
         return episode
 
-    def _drop(self, episode_id: str, wait: bool = True) -> bool:
-        """Close the episode; False (nothing done) when it is not open, or when `wait` is off
-        and a call into it is under way."""
+    def _take_idle(self, kind: tuple[str, int]) -> gym.Env | None:
+        """The most recently idle environment of `kind`, out of the idle ones (under `_guard`)."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            if self._idle[i][0] == kind:
+                return self._idle.pop(i)[1]
+        return None
+
+    def _drop(self, episode_id: str, wait: bool = True, reuse: bool = False) -> bool:
+        """End the episode: its environment idles for the next episode of its kind when `reuse`
+        (and no call into it failed), else it is closed. False (nothing done) when the episode
+        is not open, or when `wait` is off and a call into it is under way."""
         with self._guard:
             episode = self._episodes.get(episode_id)
         if episode is None or not episode.lock.acquire(blocking=wait):
@@ -169,18 +195,25 @@ class Episodes:
                 self._episodes.pop(episode_id, None)
             if not episode.closed:
                 episode.closed = True
-                with contextlib.suppress(Exception):  # a crashed engine may fail to close as well
-                    episode.env.close()
+                if reuse and episode.reusable:
+                    with self._guard:
+                        self._idle.append((episode.kind, episode.env, time.monotonic()))
+                else:
+                    _close(episode.env)
         finally:
             episode.lock.release()
         return True
 
     def reap(self) -> int:
-        """Close the episodes idle for more than `idle_timeout_s` (never one that is stepping);
-        returns how many."""
+        """Close the episodes idle for more than `idle_timeout_s` (never one that is stepping),
+        and the environments idle as long since their episode ended; returns how many episodes."""
         now = time.monotonic()
         with self._guard:
             idle = [i for i, e in self._episodes.items() if now - e.last_call > self.idle_timeout_s]
+            stale = [env for _, env, since in self._idle if now - since > self.idle_timeout_s]
+            self._idle = [entry for entry in self._idle if now - entry[2] <= self.idle_timeout_s]
+        for env in stale:
+            _close(env)
         return sum(self._drop(episode_id, wait=False) for episode_id in idle)
 
     def close_all(self) -> None:
@@ -188,6 +221,10 @@ class Episodes:
             ids = list(self._episodes)
         for episode_id in ids:
             self._drop(episode_id)
+        with self._guard:
+            envs, self._idle = [env for _, env, _ in self._idle], []
+        for env in envs:
+            _close(env)
 
     @staticmethod
     def _call(call: Any) -> Any:
@@ -201,6 +238,11 @@ class Episodes:
             raise RequestError(400, type(err).__name__, str(err)) from err
         except Exception as err:  # noqa: BLE001 - reported to the client, which stops its run
             raise RequestError(500, type(err).__name__, str(err)) from err
+
+
+def _close(env: gym.Env) -> None:
+    with contextlib.suppress(Exception):  # a crashed engine may fail to close as well
+        env.close()
 
 
 class EnvServer(JsonServer):

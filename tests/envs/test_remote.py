@@ -246,6 +246,38 @@ def test_the_servers_env_crash_is_a_crash_and_its_error_is_not(token):
         _REGISTRY.pop("test-faulty", None)
 
 
+def test_an_environment_is_reused_by_the_next_episode_of_its_kind_unless_its_episode_failed(token):
+    """An engine that starts a JVM starts it once: an episode that ended cleanly leaves its
+    environment to the next one of the same split and max_turns; a crashed one is never reused,
+    and idle ones are closed after idle_timeout_s or to make room under max_episodes."""
+    from tests.env_doubles import FaultyEnv
+
+    empg_envs.register("test-faulty", "tests.env_doubles:FaultyEnv")
+    FaultyEnv.made = 0
+    try:
+        with serve("test-faulty", {"crash_first": 1}, max_episodes=1, idle_timeout_s=0.5) as server:
+            def play(max_turns: int = 3) -> None:
+                env = empg_envs.make("http", url=server.url, max_turns=max_turns)
+                env.reset(seed=0)
+                env.step("ab")
+
+            with pytest.raises(EnvCrashed):
+                play()  # the first environment made crashes: closed, not kept
+            play()
+            play()
+            assert FaultyEnv.made == 2  # the third episode played on the second's environment
+            play(max_turns=2)  # another kind: the idle one makes room under max_episodes=1
+            play(max_turns=2)
+            assert FaultyEnv.made == 3
+            time.sleep(1.2)  # closed once idle past idle_timeout_s
+            play(max_turns=2)
+            assert FaultyEnv.made == 4
+    finally:
+        from empg_envs.registry import _REGISTRY
+
+        _REGISTRY.pop("test-faulty", None)
+
+
 def test_bad_client_settings_are_refused_before_any_request(monkeypatch):
     with pytest.raises(EnvConfigError, match="url must be http"):
         empg_envs.check_config("http", url="localhost:8700")
