@@ -115,21 +115,47 @@ def dashboard_is_up(url: str, env: dict[str, str]) -> bool:
     return subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, timeout=60, check=False).returncode == 0
 
 
+def write_auth_token(directory: str | os.PathLike) -> dict[str, str]:
+    """A fresh token in `directory`/auth_token, readable by its owner only (as the cluster
+    configs ship one to every node, there: ~/.ray/auth_token), and the variables that turn
+    token authentication on with it for the processes that get them."""
+    import secrets
+
+    token = Path(directory) / "auth_token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def gcs_refuses(address: str, token: str | None) -> bool:
+    """Whether the GCS at `address` answers UNAUTHENTICATED to a request carrying `token`
+    (None: none at all) as its bearer token; False when it answers."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), metadata=metadata, timeout=30
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True
+            raise
+    return False
+
+
 @pytest.fixture
 def ray_start_head():
     """`ray start --head --block` with token authentication on (as cluster/*.yaml start every
     node), its own ports and a temp dir short enough for Ray's sockets; SIGTERM to that one
     process stops every process it started. Yields the dashboard and GCS addresses and the
     environment a client with the token runs in."""
-    import secrets
-
     temp = tempfile.mkdtemp(prefix="h", dir=os.environ["RAY_TMPDIR"])
     gcs, dashboard = free_port(), free_port()
-    # A token file, as the cluster configs ship one to every node (there: ~/.ray/auth_token).
-    token = Path(temp) / "auth_token"
-    token.write_text(secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env.update(write_auth_token(temp))
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -218,35 +244,45 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_start_head, plugin_dir, 
 
 
 @pytest.fixture(scope="module")
-def cluster(plugin_dir):
+def cluster(plugin_dir, tmp_path_factory):
     """A head (CPU only) and three worker nodes of two types, as separate raylets:
     gpu_runner x 2 {CPU: 2, GPU: 1, vllm_runner: 2} and gpu_learner {CPU: 1, GPU: 1, ds_learner: 1}.
-    The env package is on every node's PYTHONPATH (as a package installed on every node is), and
-    on the driver's sys.path."""
+    Token authentication on, as cluster/*.yaml start every node: the nodes' processes inherit
+    this one's environment, and this one's Ray (which reads the auth mode once and keeps it)
+    reads it again; both go back to auth disabled afterwards. The env package is on every
+    node's PYTHONPATH (as a package installed on every node is), and on the driver's sys.path."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
     from ray.cluster_utils import Cluster
 
     from empg_rllib.workflows.session import ray_session
 
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(plugin_dir)
-    sys.path.insert(0, str(plugin_dir))
-    local = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**local, "num_cpus": 1, "dashboard_agent_listen_port": free_port()},
-    )
     try:
-        runners = [cluster.add_node(**local, num_cpus=2, num_gpus=1, resources={"vllm_runner": 2}) for _ in range(2)]
-        learner = cluster.add_node(**local, num_cpus=1, num_gpus=1, resources={"ds_learner": 1})
-        with ray_session(address=cluster.address):
-            yield cluster, runners, learner
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PYTHONPATH", str(plugin_dir))
+            env.syspath_prepend(str(plugin_dir))
+            env.delenv("RAY_AUTH_TOKEN", raising=False)  # it would win over the token file
+            auth = write_auth_token(tmp_path_factory.mktemp("auth"))
+            for name, value in auth.items():
+                env.setenv(name, value)
+            reset_auth_token_state()
+            local = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={**local, "num_cpus": 1, "dashboard_agent_listen_port": free_port()},
+            )
+            try:
+                # The GCS answers only a client with the token: none or another one is refused.
+                token = Path(auth["RAY_AUTH_TOKEN_PATH"]).read_text()
+                assert gcs_refuses(cluster.address, None) and gcs_refuses(cluster.address, "0" * 32)
+                assert not gcs_refuses(cluster.address, token)
+                runners = [cluster.add_node(**local, num_cpus=2, num_gpus=1, resources={"vllm_runner": 2}) for _ in range(2)]
+                learner = cluster.add_node(**local, num_cpus=1, num_gpus=1, resources={"ds_learner": 1})
+                with ray_session(address=cluster.address):
+                    yield cluster, runners, learner
+            finally:
+                cluster.shutdown()
     finally:
-        cluster.shutdown()
-        sys.path.remove(str(plugin_dir))
-        if saved is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = saved
+        reset_auth_token_state()  # with the environment back: auth disabled again in this process
 
 
 def cluster_experiment(tmp_path, **overrides):
