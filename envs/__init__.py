@@ -17,8 +17,9 @@ register("alfworld", "empg_envs.alfworld.env:AlfWorldEnv")
 register("webshop", "empg_envs.webshop.env:WebShopEnv")
 register("webshop-server", "empg_envs.webshop.client:WebShopServerEnv")
 register("deepsearch", "empg_envs.deepsearch.env:DeepSearchEnv")
-register("twx/", "empg_envs.twx:TextWorldExpressEnv", prefix=True)
+register("twx/", "empg_envs.twx:TextWorldExpressEnv", prefix=True, variant="game")
 register("http", "empg_envs.remote.client:RemoteEnv")
+register("tasks/", "empg_envs.tasks:TaskDatasetEnv", prefix=True, variant="dataset")
 
 __all__ = [
     "SPLITS",

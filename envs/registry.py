@@ -16,7 +16,7 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -35,15 +35,17 @@ Registration = str | EnvFactory | importlib.metadata.EntryPoint
 _REGISTRY: dict[str, Registration] = {}
 # Ids whose suffix selects a variant: "twx/<game>" -> the TWX env with game=<game>.
 _PREFIXES: dict[str, Registration] = {}
+# How `list()` shows a prefix id's variant: "twx/<game>".
+_PLACEHOLDERS: dict[str, str] = {}
 
 
-def register(env_id: str, entry_point: Registration, *, prefix: bool = False) -> None:
+def register(env_id: str, entry_point: Registration, *, prefix: bool = False, variant: str = "variant") -> None:
     """Register `entry_point` ("module:Class", a callable, or an installed package's entry
     point) under `env_id`, in this process only: remote env runners do not see it (an
     installed package's `empg_rllib.envs` entry point reaches every process).
 
     With `prefix=True`, `env_id` must end in "/" and any id `env_id + name` makes the env with
-    `variant=name`.
+    `variant=name`; `list()` shows it as `env_id + "<variant>"`, named by `variant`.
     """
     if prefix and not env_id.endswith("/"):
         raise ValueError(f"a prefix env id must end with '/', got {env_id!r}")
@@ -51,6 +53,8 @@ def register(env_id: str, entry_point: Registration, *, prefix: bool = False) ->
     if target is not None and ":" not in target:
         raise ValueError(f"entry point must be 'module:Class', got {target!r}")
     (_PREFIXES if prefix else _REGISTRY)[env_id] = entry_point
+    if prefix:
+        _PLACEHOLDERS[env_id] = f"<{variant}>"
 
 
 def load_entry_points() -> None:
@@ -73,6 +77,17 @@ def load_entry_points() -> None:
             )
 
 
+def unknown_id(what: str, name: str, known: Iterable[str], group: str, spell: Callable[[str], str] = repr) -> str:
+    """The message for `name`, a `what` id that is not registered: the closest known one (as
+    `spell` writes it), every known one, and the entry-point group through which packages add
+    more."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {spell(close[0])}?" if close else ""
+    return (f"unknown {what} {name!r}{hint} (known: {', '.join(known) or 'none installed'}; packages add "
+            f"{what}s through the entry-point group {group!r})")
+
+
 def _target(entry_point: Registration) -> str:
     """The "module:Class" an entry point names (a callable's qualified name)."""
     if isinstance(entry_point, importlib.metadata.EntryPoint):
@@ -85,7 +100,7 @@ def _target(entry_point: Registration) -> str:
 def list() -> list[str]:  # noqa: A001 - the protocol names it empg_envs.list()
     """Known env ids, installed packages' included; prefix ids are shown as 'twx/<game>'."""
     load_entry_points()
-    return sorted(_REGISTRY) + sorted(p + "<game>" for p in _PREFIXES)
+    return sorted(_REGISTRY) + sorted(p + _PLACEHOLDERS.get(p, "<variant>") for p in _PREFIXES)
 
 
 def _resolve(entry_point: Registration) -> EnvFactory:

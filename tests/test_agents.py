@@ -1,16 +1,19 @@
 """A user's agent as the rollout: its calls through the endpoint become the episode's turns (the
 learner scores them alike), crashes are retried and groups dropped whole, its own repeated error
-stops the run naming it, bad agent settings fail at validation, and the example agent package
-trains one iteration on the tiny model through Ray."""
+stops the run naming it, bad agent settings fail at validation, an agent plays its own package's
+task dataset, and the example agent package trains one iteration on the tiny model through Ray."""
 
 from __future__ import annotations
 
+import functools
+import re
 from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
 
+import empg_envs
 from empg_rllib.config.agents import register
 from empg_rllib.config.loading import load, validate
 from empg_rllib.config.schema import ConfigError
@@ -182,6 +185,21 @@ def test_an_error_that_would_repeat_stops_the_run_naming_its_cause(engine, agent
         play(engine, agent, [0, 1], env=env, crash_retries=2)
 
 
+def test_an_agent_plays_the_tasks_of_the_dataset_its_package_provides(engine):
+    """The example package's `sums` dataset and `answer-sums` agent, through their entry points:
+    the agent reads each task's record (its answer) and scores itself; no environment steps."""
+    requests = [EpisodeRequest(seed=s, group=s // 2, task=t) for s, t in enumerate([0, 0, 5, 5])]
+    make = functools.partial(empg_envs.make, "tasks/sums", split="eval_unseen")
+    episodes = run_agent_episodes(engine, engine.tokenizer, make, requests, SAMPLING, "answer-sums", {"max_tokens": 8})
+    record = make().unwrapped.tasks[5]
+    assert [e.task_id for e in episodes] == ["sum-eval_unseen-40-20"] * 2 + [record["task_id"]] * 2
+    assert record["instruction"] == "What is 41 + 21?" and record["answer"] == 62
+    for episode in episodes:
+        assert len(episode.turns) == 1 and episode.task_type == "sum"
+        number = re.search(r"-?\d+", episode.turns[0].action)
+        assert episode.won == (number is not None and int(number.group()) == (60 if "40" in episode.task_id else 62))
+
+
 def test_bad_agent_settings_fail_at_validation():
     base = {**SMALL, "env": "deepsearch"}
     with pytest.raises(ConfigError, match="unknown agent id 'test-planer'; did you mean 'test-planner'"):
@@ -192,6 +210,10 @@ def test_bad_agent_settings_fail_at_validation():
         validate({**base, "agent": "test-planner", "constrain_actions": True})
     with pytest.raises(ConfigError, match="agent_config is set but no agent is"):
         validate({**base, "agent_config": {"calls": 3}})
+    with pytest.raises(ConfigError, match="env 'tasks/sums' is a task dataset, played by an agent"):
+        validate({**SMALL, "env": "tasks/sums"})
+    with pytest.raises(ConfigError, match="unknown task dataset 'sum'; did you mean 'tasks/sums'"):
+        validate({**SMALL, "env": "tasks/sum", "agent": "answer-sums"})
     register("test-sync", lambda task, client: 0.0)
     with pytest.raises(ConfigError, match="must be an async function"):
         validate({**base, "agent": "test-sync"})

@@ -12,12 +12,13 @@ never an import path, as it does for environments.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+from empg_envs.registry import unknown_id
 
 #: The entry-point group through which installed packages register agent ids.
 ENTRY_POINT_GROUP = "empg_rllib.agents"
@@ -54,11 +55,7 @@ def load(agent_id: str) -> Callable[..., Any]:
     """The agent registered as `agent_id`, checked to have the shape the rollout calls."""
     known = _known()
     if agent_id not in known:
-        close = difflib.get_close_matches(agent_id, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        listed = ", ".join(sorted(known)) or "none installed"
-        raise AgentError(f"unknown agent id {agent_id!r}{hint} (known: {listed}; packages add agents through the "
-                         f"entry-point group {ENTRY_POINT_GROUP!r})")
+        raise AgentError(unknown_id("agent id", agent_id, known, ENTRY_POINT_GROUP))
     target = known[agent_id]
     try:
         if isinstance(target, importlib.metadata.EntryPoint):

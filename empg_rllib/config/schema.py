@@ -493,6 +493,8 @@ def check_agent(exp: Experiment) -> None:
     from empg_rllib.config.agents import AgentError, check_config
 
     if exp.agent is None:
+        if exp.env.startswith("tasks/"):
+            raise ConfigError(f"env {exp.env!r} is a task dataset, played by an agent that scores itself: set 'agent'")
         return
     try:
         check_config(exp.agent, exp.agent_config)

@@ -1,6 +1,6 @@
-"""A ReAct agent written against the OpenAI chat API alone: its own prompt, its own history, its
+"""Agents written against the OpenAI chat API alone: its own prompt, its own history, its
 own parsing. Nothing here knows about empg-rllib beyond the shape of `task` (an instruction, an
-observation, the admissible actions and an async `step`)."""
+observation, the admissible actions and an async `step`; a dataset's task record as `data`)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,29 @@ async def run(task: Any, client: Any, *, max_tokens: int = 48, history: int = 3,
         if done:
             break
     return task.score
+
+
+# A task dataset of the package's own and a one-call agent for it: no environment to step, the
+# agent scores its answer itself.
+
+
+def arithmetic_tasks(split: str) -> list[dict[str, Any]]:
+    """Sums of two numbers; eval_seen repeats the first training tasks, eval_unseen has larger numbers."""
+    pairs = {"train": [(a, b) for a in range(2, 22) for b in range(3, 13)]}
+    pairs["eval_seen"] = pairs["train"][:24]
+    pairs["eval_unseen"] = [(a, b) for a in range(40, 46) for b in range(20, 24)]
+    return [{"task_id": f"sum-{split}-{a}-{b}", "task_type": "sum", "instruction": f"What is {a} + {b}?",
+             "answer": a + b} for a, b in pairs.get(split, [])]
+
+
+NUMBER = re.compile(r"-?\d+")
+
+
+async def answer(task: Any, client: Any, *, max_tokens: int = 12) -> float:
+    """One call; 1.0 when the reply's first number is the task's answer."""
+    reply = await client.chat.completions.create(
+        model="policy", max_tokens=max_tokens,
+        messages=[{"role": "system", "content": "Reply with the number only."},
+                  {"role": "user", "content": task.instruction}])
+    found = NUMBER.search(reply.choices[0].message.content or "")
+    return float(found is not None and int(found.group()) == task.data["answer"])

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 class AgentTask:
     """One task for an agent: the environment, reset to it. `instruction`, `observation` and
-    `info` are reset's; `done`, `won`, `score` and `steps` follow `step()`."""
+    `info` are reset's (`data`: the task's record, for a `tasks/<dataset>` environment); `done`,
+    `won`, `score` and `steps` follow `step()`."""
 
     def __init__(self, env: gym.Env, observation: str, info: dict[str, Any], executor: ThreadPoolExecutor) -> None:
         self._env, self._executor = env, executor
@@ -55,6 +56,7 @@ class AgentTask:
         self.task_id: str = info.get("task_id", "")
         self.task_type: str = info.get("task_type", "")
         self.instruction: str = info.get("instruction", "")
+        self.data: dict[str, Any] = info.get("data") or {}
         self.done = self.truncated = False
         self.won: bool | None = None
         self.score = 0.0
