@@ -3,6 +3,7 @@ alike, episodes that never mix, seeded calls, and the answers to bad requests.""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -18,6 +19,7 @@ from empg_rllib.core.batch import build_turn_batch
 from empg_rllib.core.records import Episode
 from empg_rllib.core.scoring import response_scores
 from empg_rllib.sampling.agents.endpoint import ChatEndpoint
+from empg_rllib.sampling.agents.tool_calls import read_tool_calls
 from empg_rllib.sampling.engines.base import Completion
 from empg_rllib.sampling.engines.hf import HFEngine
 from empg_rllib.sampling.prompting import chat_ids
@@ -121,6 +123,61 @@ def test_the_agent_reads_the_text_without_the_end_of_turn_token_or_the_stop_stri
     sampled = Completion([*ids, tokenizer.eos_token_id], [0.0] * (len(ids) + 1), None, "eos")
     assert endpoint.content(sampled, ()) == "go to desk 1</action>"
     assert endpoint.content(sampled, ("</action>",)) == "go to desk 1"
+
+
+#: A chat template that tags tool calls, as Qwen2.5's and Hermes' do (shortened).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "look", "description": "Look at a thing.",
+                                           "parameters": {"type": "object", "properties": {"at": {"type": "string"}}}}}]
+
+
+class ReplyEngine:
+    """An engine that samples one given reply (with log-prob 0): what a model that learnt its
+    template's tool markup writes."""
+
+    weights_version = 0
+
+    def __init__(self, tokenizer, reply: str) -> None:
+        self.ids = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+
+    def generate(self, prompts, params, choices=None, seeds=None):
+        return [Completion(list(self.ids), [0.0] * len(self.ids), None, "eos") for _ in prompts]
+
+
+def test_tool_calls_in_the_templates_markup_come_back_as_tool_calls_and_go_back_as_written(tiny_model):
+    tokenizer = copy.deepcopy(tiny_model[0])
+    tokenizer.chat_template = TOOL_TEMPLATE
+    written = '<tool_call>\n{"name": "look", "arguments": {"at": "lamp"}}\n</tool_call>'
+    with ChatEndpoint(ReplyEngine(tokenizer, f"Let me see.{written}"), tokenizer, TOKEN, max_new_tokens=64) as ep:
+        c = client(ep.open_episode("tools"))
+        messages = [{"role": "user", "content": "What is on the desk?"}]
+        reply = c.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me see."
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "look" and json.loads(call.function.arguments) == {"at": "lamp"}
+        # The agent sends the call back in OpenAI's shape (arguments as a JSON string) with the
+        # tool's answer: the template renders the call as the model wrote it.
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "a lamp"}]
+        c.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+        assert chat(c, [{"role": "user", "content": "no tools offered"}]) == f"Let me see.{written}"
+        first, second, _ = ep.close_episode("tools")
+    assert written in tokenizer.decode(second.prompt_ids)
+    assert first.response_ids[:-1] == tokenizer.encode(f"Let me see.{written}", add_special_tokens=False)
+    assert second.prompt_ids[: len(first.prompt_ids)] == first.prompt_ids
+
+
+@pytest.mark.parametrize("text", ['<tool_call>{"name": "look", "arguments": </tool_call>',
+                                  '<tool_call>["look"]</tool_call>', "no call at all"])
+def test_a_reply_without_a_well_formed_call_is_left_whole_as_text(text):
+    assert read_tool_calls(text, "call-0") == (text, [])
 
 
 def test_an_episode_over_its_call_cap_is_answered_429(tiny_model):

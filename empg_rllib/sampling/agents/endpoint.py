@@ -18,8 +18,9 @@ run: its temperature (a request asking another is refused: the learner scores at
 from its episode and its number (a request's `seed` is mixed in), so what it samples does not
 depend on which calls shared its batch, and copies of one task sample apart. The reply's content
 is the sampled text without the end-of-turn token and without a stop string it ended on (the
-recorded turn keeps every sampled id). `tools` go to the chat template; a tool call comes back as
-the model's own markup in the content (no `tool_calls` parsing yet). Every request needs the run's
+recorded turn keeps every sampled id). `tools` go to the chat template; where the template tags
+tool calls (`<tool_call>`, see `tool_calls`), the calls in a reply come back as `tool_calls`,
+otherwise as the model's own text. Every request needs the run's
 bearer token (401); a malformed one is answered 400 naming the field, one over the episode's call
 cap 429. When the engine itself fails, every waiting call is answered 503, later ones too, and
 `serve_batches()` raises the engine's error.
@@ -42,6 +43,7 @@ from typing import Any
 
 from empg_envs.remote.http import Answer, JsonServer, RequestError, authorize, bad, body_field, json_object
 from empg_rllib.core.records import Turn
+from empg_rllib.sampling.agents.tool_calls import arguments_as_objects, read_tool_calls, template_tags_tool_calls
 from empg_rllib.sampling.engines.base import Completion, InferenceEngine, SamplingParams
 from empg_rllib.sampling.prompting import chat_ids
 
@@ -112,6 +114,7 @@ class ChatEndpoint:
         self._guard = threading.Lock()  # the episodes, `_closing`, and every put into the queue
         self._closing, self._closing_why = False, ""
         self._template = threading.Lock()  # a fast tokenizer is not safe across threads
+        self.tags_tool_calls = template_tags_tool_calls(tokenizer)
         self._queue: queue.Queue[_Call | None] = queue.Queue()
         self._server = JsonServer(self, host, port, MAX_BODY_BYTES, token=token)
         self.engine_error: BaseException | None = None
@@ -208,7 +211,7 @@ class ChatEndpoint:
     def complete(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion for episode `name`: checked, queued, sampled, recorded."""
         episode = self._episode(name)
-        prompt, params, seed = self._parse(body)
+        prompt, params, seed, tools = self._parse(body)
         with self._guard:
             if self._closing:
                 raise RequestError(503, "Closed", self._closing_why)
@@ -220,6 +223,12 @@ class ChatEndpoint:
             call = _Call(name, prompt, params, derived if seed is None else zlib.crc32(f"{derived}/{seed}".encode()))
             self._queue.put(call)
         completion: Completion = call.result.result()
+        message: dict[str, Any] = {"role": "assistant", "content": completion.text}  # `content()`, set in `_sample`
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        if tools and self.tags_tool_calls:
+            message["content"], calls = read_tool_calls(completion.text, f"call-{name}-{number}")
+            if calls:
+                message["tool_calls"], finish = calls, "tool_calls"
         return {
             "id": f"chatcmpl-{name}-{number}",
             "object": "chat.completion",
@@ -227,16 +236,16 @@ class ChatEndpoint:
             "model": self.model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},  # `content()`, set in `_sample`
-                "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+                "message": message,
+                "finish_reason": finish,
                 "logprobs": None,
             }],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(completion.token_ids),
                       "total_tokens": len(prompt) + len(completion.token_ids)},
         }
 
-    def _parse(self, body: dict[str, Any]) -> tuple[list[int], SamplingParams, int | None]:
-        """The request's prompt ids, sampling parameters and seed, or a 400 naming the field."""
+    def _parse(self, body: dict[str, Any]) -> tuple[list[int], SamplingParams, int | None, list[Any] | None]:
+        """The request's prompt ids, sampling parameters, seed and tools, or a 400 naming the field."""
         unsupported = sorted(UNSUPPORTED & set(body))
         if unsupported:
             raise bad(f"field {unsupported[0]!r} is not supported: the learner scores the run's sampling distribution")
@@ -264,7 +273,7 @@ class ChatEndpoint:
         prompt = self._prompt_ids(_messages(body_field(body, "messages", (list,), required=True)), tools)
         if len(prompt) > self.max_prompt_tokens:
             raise bad(f"field 'messages': {len(prompt)} prompt tokens, over the run's {self.max_prompt_tokens}")
-        return prompt, SamplingParams(max_new_tokens=limit, temperature=self.temperature, stop=tuple(stop)), seed
+        return prompt, SamplingParams(max_new_tokens=limit, temperature=self.temperature, stop=tuple(stop)), seed, tools
 
     def _prompt_ids(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> list[int]:
         try:
@@ -398,6 +407,10 @@ def _messages(raw: list[Any]) -> list[dict[str, Any]]:
             content = ""
         if not isinstance(content, str):
             raise bad(f"field 'messages[{i}].content': expected a string, got {content!r}")
-        # Tool calls and their answers go to the template as the agent sent them.
-        out.append({**{k: message[k] for k in TOOL_KEYS if k in message}, "role": role, "content": content})
+        # Tool calls and their answers go to the template as the agent sent them, the calls'
+        # arguments as the objects templates render.
+        extra = {k: message[k] for k in TOOL_KEYS if k in message}
+        if "tool_calls" in extra:
+            extra["tool_calls"] = arguments_as_objects(extra["tool_calls"])
+        out.append({**extra, "role": role, "content": content})
     return out
