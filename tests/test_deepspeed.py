@@ -17,7 +17,9 @@ from empg_rllib.workflows.runs import latest_checkpoint
 from empg_rllib.workflows.training import build_algorithm, train
 from tests.helpers import SMALL, build, reduced, synthetic_batch, train_batch
 
-SETTINGS = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2}
+# Micro-batches in plan order, so that two ranks add in one learner's order (as in
+# test_learner.py::test_two_learners_train_like_one).
+SETTINGS = {"micro_batch_size": 2, "minibatch_size": 5, "num_epochs": 2, "length_bucketing": False}
 
 
 def full_weights(algo) -> list[dict[str, torch.Tensor]]:

@@ -31,7 +31,7 @@ from empg_rllib.core import metrics
 from empg_rllib.core.losses import policy_loss
 from empg_rllib.core.precision import resolve_dtype
 from empg_rllib.core.scoring import response_scores
-from empg_rllib.core.update_plan import loss_normalizer
+from empg_rllib.core.update_plan import loss_normalizer, micro_batches
 
 #: Batch columns, all [rows, tokens] and aligned with input_ids[:, 1:] (position p predicts
 #: token p + 1), except `allowed_ids` ([rows, R, K], constrained decoding: the allowed token ids
@@ -40,6 +40,19 @@ COLUMNS = ("input_ids", "attention_mask", "resp_mask", "old_logp", "token_adv", 
 
 #: Per-step sums every rank contributes to; the minibatch's statistics are ratios of them.
 _STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens")
+
+
+def micro_batch(batch: Mapping[str, Any], rows: Any, width: int | None) -> dict[str, Any]:
+    """`rows` of `batch` (numpy arrays or tensors), trimmed to the last `width` token columns
+    (None: all). `allowed_ids` is right-aligned and scored by its last positions: kept whole."""
+    out = {}
+    for key, value in batch.items():
+        value = value[rows]
+        if width is not None and key != "allowed_ids":  # token columns: width, or width - 1 (next-token)
+            keep = width if key in ("input_ids", "attention_mask") else width - 1
+            value = value[:, value.shape[1] - keep :]
+        out[key] = value
+    return out
 
 
 def cast_floats(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,23 +146,25 @@ class EMPGTorchLearner(TorchLearner):
         `rows` of `batch` (all rows when None), in eval mode."""
         module = self._rl_module()
         module.eval()
-        n = self.config.experiment.micro_batch_size
+        exp = self.config.experiment
         index = np.arange(len(batch["input_ids"])) if rows is None else np.asarray(rows)
-        out: dict[str, list[np.ndarray]] = {"token_logp": [], "token_entropy": [], "ref_logp": []}
-        for start in range(0, len(index), n):
-            take = index[start : start + n]
-            sub = {k: torch.as_tensor(v[take], device=self._device) for k, v in batch.items()}
+        names = ("token_logp", "token_entropy", "ref_logp") if exp.kl_coef > 0 else ("token_logp", "token_entropy")
+        out = {k: np.zeros((len(index), batch["resp_mask"].shape[1]), dtype=np.float32) for k in names}
+        lengths = batch["attention_mask"][index].sum(-1)
+        for part, width in micro_batches(lengths, exp.micro_batch_size, exp.length_bucketing):
+            sub = {k: torch.as_tensor(v, device=self._device) for k, v in micro_batch(batch, index[part], width).items()}
+            columns = sub["resp_mask"].shape[1]
             fwd = module._forward_train(sub)
-            out["token_logp"].append(fwd["token_logp"].float().cpu().numpy())
-            out["token_entropy"].append(fwd["token_entropy"].float().cpu().numpy())
-            if self.config.experiment.kl_coef > 0:
+            scores = {"token_logp": fwd["token_logp"], "token_entropy": fwd["token_entropy"]}
+            if exp.kl_coef > 0:
                 with self._reference_lm() as reference:
-                    logp, _ = response_scores(
+                    scores["ref_logp"], _ = response_scores(
                         reference, sub["input_ids"], sub["attention_mask"], sub["resp_mask"],
                         module.temperature, sub.get("allowed_ids"), chunk_tokens=module.chunk_tokens,
                     )
-                out["ref_logp"].append(logp.float().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+            for name, value in scores.items():
+                out[name][part, out[name].shape[1] - columns :] = value.float().cpu().numpy()
+        return out
 
     # ---- the update ------------------------------------------------------------------------
     def update_from_plan(self, batch: dict[str, np.ndarray], steps: Sequence[tuple[np.ndarray, float]]) -> dict[str, Any]:
@@ -197,10 +212,11 @@ class EMPGTorchLearner(TorchLearner):
         # minibatch's sum, so scale it back up to the sum.
         scale = weight * self.world_size
         self._zero_grad()
-        starts = list(range(0, rows, exp.micro_batch_size))
-        for i, start in enumerate(starts):
-            sub = {k: v[start : start + exp.micro_batch_size] for k, v in module_batch.items()}
-            with self._accumulating(last=i == len(starts) - 1):
+        lengths = module_batch["attention_mask"].sum(-1).cpu().numpy()
+        parts = micro_batches(lengths, exp.micro_batch_size, exp.length_bucketing)
+        for i, (part, width) in enumerate(parts):
+            sub = micro_batch(module_batch, torch.as_tensor(part, device=self._device), width)
+            with self._accumulating(last=i == len(parts) - 1):
                 fwd = self._forward(sub)
                 loss, stats = self._loss(sub, fwd, normalizer)
                 finite = bool(torch.isfinite(loss))

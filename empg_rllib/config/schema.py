@@ -342,6 +342,12 @@ class Experiment(_Strict):
     micro_batch_size: int = Field(
         8, ge=1, description="rows (turns) per forward/backward pass; gradients accumulate over micro-batches"
     )
+    length_bucketing: bool = Field(
+        True,
+        description="the learner puts rows of similar length in one micro-batch and trims it to its longest "
+        "row, so padding to the batch's longest row is not computed; the loss and gradients are those of "
+        "micro-batches in plan order at the batch's width (up to float summation order)",
+    )
     num_epochs: int = Field(1, ge=1, description="passes over each batch")
     minibatch_size: int | None = Field(
         None, ge=1, description="rows per optimizer step (shuffled); null: one step on the whole batch per epoch"

@@ -11,6 +11,9 @@ driver, which is the only place that sees the whole batch, plans the update inst
 - each step carries the loss normaliser of its whole minibatch (tokens for token-mean, sequences
   otherwise), so that the shards' losses sum to the minibatch's loss.
 
+Within its shard of a step, a learner groups rows of similar length into micro-batches trimmed
+to their longest row (`micro_batches`), so padding to the batch's longest row is not computed.
+
 Pure numpy: no Ray, no torch.
 """
 
@@ -92,3 +95,21 @@ def plan_update(
 def split_rows(rows: int, num_learners: int) -> list[np.ndarray]:
     """Contiguous, near-equal row ranges, one per learner (for the sharded scoring pass)."""
     return np.array_split(np.arange(rows), num_learners)
+
+
+def micro_batches(lengths: np.ndarray, size: int, bucket: bool = True) -> list[tuple[np.ndarray, int | None]]:
+    """How a learner cuts its rows (real lengths `lengths`, left-padded to one width) into
+    micro-batches of at most `size` rows: (positions into `lengths`, the micro-batch's width, or
+    None to keep the batch's).
+
+    With `bucket`, rows go longest first, so rows of similar length share a micro-batch, and
+    each is trimmed to its longest row: the columns cut are padding in every row of it, so no
+    token's value changes. Without, in order and at the full width. Either way every row is in
+    exactly one micro-batch, and the count is the same; the loss is a sum over tokens divided by
+    the minibatch's normaliser, so the order of its terms is all that changes.
+    """
+    lengths = np.asarray(lengths)
+    if not bucket:
+        return [(np.arange(s, min(s + size, len(lengths))), None) for s in range(0, len(lengths), size)]
+    order = np.argsort(-lengths, kind="stable")
+    return [(order[s : s + size], int(lengths[order[s]])) for s in range(0, len(order), size)]
