@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/smollm2_examples.py
 	$(PY) benchmarks/remote_env.py
 	$(PY) benchmarks/agent_endpoint.py
+	$(PY) benchmarks/learner_padding.py --max-turns 6
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results

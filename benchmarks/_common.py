@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,34 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def matmul_gflops(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
+    """Square matmul GFLOP/s of this host in `dtype` with torch's threads: the ceiling that a
+    model's compute is held to (median of `repeats` after a warm-up)."""
+    import torch
+
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    gflops = 2 * size**3 / statistics.median(times) / 1e9
+    print(f"{dtype} matmul {size}^3 ({torch.get_num_threads()} threads): {gflops:.1f} GFLOP/s", flush=True)
+    return gflops
+
+
+def flops_per_token(config: Any, context: float, head: bool = True) -> float:
+    """Forward FLOPs of one token: 2 per weight of every matmul (attention projections, MLP,
+    and with `head` the LM head) plus attention over `context` earlier positions."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * config.intermediate_size
+    attention = 2 * 2 * context * h
+    return layers * (per_layer + attention) + (2 * h * config.vocab_size if head else 0)
 
 
 def write(name: str, payload: dict[str, Any]) -> Path:

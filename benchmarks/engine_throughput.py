@@ -22,35 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, write  # noqa: E402
-
-
-def matmul_gflops(threads_note: str, size: int = 1024, repeats: int = 10) -> float:
-    """fp32 matmul GFLOP/s of this host with torch's threads (the roofline's ceiling)."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    gflops = 2 * size**3 / statistics.median(times) / 1e9
-    print(f"fp32 matmul {size}x{size} ({threads_note}): {gflops:.1f} GFLOP/s")
-    return gflops
-
-
-def flops_per_token(config: Any, context: float) -> float:
-    """Forward FLOPs of one generated token: 2 per weight of every matmul (attention
-    projections, MLP, LM head) plus attention over `context` cached positions."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head = h // config.num_attention_heads
-    kv = config.num_key_value_heads * head
-    per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * config.intermediate_size
-    attention = 2 * 2 * context * h
-    return layers * (per_layer + attention) + 2 * h * config.vocab_size
+from _common import RESULTS, flops_per_token, matmul_gflops, write  # noqa: E402
 
 
 def agent_prompts(tokenizer: Any, batch: int) -> list[list[int]]:
@@ -134,7 +106,6 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=16, help="ALFWorld episodes for the runner overhead")
     args = parser.parse_args()
 
-    import torch
     from transformers.utils import logging as hf_logging
 
     from empg_rllib.core.precision import cpu_bf16_flags
@@ -144,7 +115,7 @@ def main() -> None:
     from empg_rllib.workflows import models
 
     hf_logging.disable_progress_bar()
-    gflops = matmul_gflops(f"{torch.get_num_threads()} threads")
+    gflops = matmul_gflops("float32", size=1024)
     rows, syncs, overhead = [], [], {}
     for size in args.sizes:
         path = models.resolve_model(f"{size}:")

@@ -11,7 +11,7 @@ import torch
 
 from empg_rllib.core import precision
 from empg_rllib.core.losses import masked_aggregate
-from empg_rllib.core.update_plan import plan_update
+from empg_rllib.core.update_plan import micro_batches, plan_update
 from tests.helpers import build, reduced, synthetic_batch, train_batch
 
 
@@ -51,6 +51,18 @@ def test_plan_sequence_normaliser_counts_rows_with_responses():
     mask = np.array([[1, 1], [0, 0], [0, 1]], dtype=np.float32)
     plan = plan_update(mask, num_learners=2, token_mean=False, shuffle=False)
     assert plan.steps[0].normalizer == 2.0
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+def test_micro_batches_take_every_row_once_and_trim_only_padding(bucket):
+    lengths = np.random.default_rng(2).integers(3, 40, 23)
+    parts = micro_batches(lengths, 4, bucket)
+    assert sorted(np.concatenate([rows for rows, _ in parts]).tolist()) == list(range(23))
+    assert len(parts) == 6 and all(len(rows) <= 4 for rows, _ in parts)
+    for rows, width in parts:
+        assert width is None if not bucket else width == lengths[rows].max()
+    if bucket:  # rows of similar length together: the computed positions shrink
+        assert sum(len(r) * w for r, w in parts) < 0.8 * 23 * lengths.max()
 
 
 # ---- one learner: the loop that the plan drives -----------------------------------------------
