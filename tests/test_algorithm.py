@@ -265,3 +265,53 @@ def test_non_finite_loss_skips_the_update(ray_cluster, model_path, tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)
     finally:
         algo.stop()
+
+
+@pytest.mark.parametrize("tolerance", [None, -1.0])
+def test_the_samplers_scores_stand_in_for_the_scoring_pass_when_they_agree(ray_cluster, model_path, tmp_path, monkeypatch, tolerance):
+    """`reuse_sampler_scores` (HF engine, fp32): the sampler's log-probs and entropies agree with
+    the learner's pass over every row to 1e-4, and are taken after a check of a few rows; when the
+    check fails (a tolerance no gap meets), the whole batch is scored as before."""
+    from empg_rllib.algorithm import empg
+
+    if tolerance is not None:
+        monkeypatch.setattr(empg, "REUSE_TOLERANCE", tolerance)
+    exp = experiment(tmp_path, env="deepsearch", tasks_per_batch=2, group_size=2, max_turns=3,
+                     reuse_sampler_scores=True, reuse_check_rows=2)
+    algo = build_algorithm(exp, model_path)
+    seen: dict = {"scored_rows": []}
+    try:
+        score_batch, score_steps = algo.score_batch, algo.score_steps
+
+        def counting(columns):
+            seen["scored_rows"].append(len(columns["input_ids"]))
+            return score_batch(columns)
+
+        def comparing(episodes):
+            batch, scores, entropy = score_steps(episodes)
+            seen["full"] = score_batch({k: getattr(batch, k) for k in ("input_ids", "attention_mask", "resp_mask")})
+            seen["batch"], seen["scores"] = batch, scores
+            return batch, scores, entropy
+
+        algo.score_batch, algo.score_steps = counting, comparing
+        result = algo.train()
+    finally:
+        algo.stop()
+    batch, scores, full = seen["batch"], seen["scores"], seen["full"]
+    mask = batch.resp_mask > 0
+    for key in ("token_logp", "token_entropy"):
+        assert np.abs(scores[key] - full[key])[mask].max() < 1e-4
+    if tolerance is None:
+        assert seen["scored_rows"] == [2] and result["sampler_scores_reused"] == 1
+        np.testing.assert_array_equal(scores["token_entropy"], batch.sampler_entropy)
+        assert 0 < result["sampler_score_gap"] < 1e-4
+    else:
+        assert seen["scored_rows"] == [2, len(batch)] and result["sampler_scores_reused"] == 0
+
+
+def test_reusing_the_samplers_scores_needs_the_hf_engine_in_step_and_no_kl(tmp_path):
+    from empg_rllib.config.schema import ConfigError
+
+    for bad in ({"engine": "vllm"}, {"kl_coef": 0.1}):
+        with pytest.raises(ConfigError, match="reuse_sampler_scores takes the sampler's scores"):
+            experiment(tmp_path, env="deepsearch", reuse_sampler_scores=True, **bad)

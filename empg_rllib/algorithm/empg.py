@@ -53,6 +53,10 @@ from empg_rllib.sampling.runner_calls import HealthyRunners, errors_as_values, r
 
 logger = logging.getLogger(__name__)
 
+#: The largest difference between the sampler's and the learner's log-prob or entropy of a
+#: token at which `reuse_sampler_scores` takes the sampler's (fp32 agrees to ~1e-5).
+REUSE_TOLERANCE = 1e-4
+
 
 class EMPGConfig(AlgorithmConfig):
     """RLlib config of EMPG; `experiment(...)` sets everything an experiment file can say."""
@@ -408,9 +412,31 @@ class EMPG(Algorithm):
         columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "resp_mask": batch.resp_mask}
         if batch.allowed_ids is not None:
             columns["allowed_ids"] = batch.allowed_ids
-        scores = self.score_batch(columns)
+        scores = self._reused_sampler_scores(batch, columns) or self.score_batch(columns)
         choices = batch.choice_mask() if self.config.experiment.empg.step_entropy == "choice_tokens" else None
         return batch, scores, step_entropy(scores["token_entropy"], batch.resp_mask, choices)
+
+    def _reused_sampler_scores(self, batch: TurnBatch, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The sampler's own log-probs and entropies as the pre-update scores (`reuse_sampler_scores`),
+        once the learner's pass over `reuse_check_rows` random rows agrees with them to
+        `REUSE_TOLERANCE`; None (score the whole batch) otherwise."""
+        exp = self.config.experiment
+        if not exp.reuse_sampler_scores or batch.sampler_entropy is None:
+            return None
+        rng = np.random.default_rng(exp.seed * 100_003 + self.iteration)
+        rows = np.sort(rng.choice(len(batch), min(exp.reuse_check_rows, len(batch)), replace=False))
+        checked = self.score_batch({k: v[rows] for k, v in columns.items()})
+        sampled = {"token_logp": batch.sampler_logp, "token_entropy": batch.sampler_entropy}
+        mask = batch.resp_mask[rows] > 0
+        gap = max(float(np.abs(sampled[k][rows] - checked[k])[mask].max(initial=0.0)) for k in sampled)
+        self.metrics.log_value(metrics.SAMPLER_SCORE_GAP, gap, window=1)
+        reused = gap <= REUSE_TOLERANCE
+        self.metrics.log_value(metrics.SAMPLER_SCORES_REUSED, int(reused), window=1)
+        if not reused:
+            logger.warning("iteration %d: the sampler's scores differ from the learner's by %.2g (over %g) on %d "
+                           "checked rows; scoring the whole batch", self.iteration + 1, gap, REUSE_TOLERANCE, len(rows))
+            return None
+        return sampled
 
     def score_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The pre-update pass, each learner scoring its own contiguous share of the rows."""

@@ -348,6 +348,15 @@ class Experiment(_Strict):
         "row, so padding to the batch's longest row is not computed; the loss and gradients are those of "
         "micro-batches in plan order at the batch's width (up to float summation order)",
     )
+    reuse_sampler_scores: bool = Field(
+        False,
+        description="take the pre-update log-probs and entropies from the HF engine, which computed them "
+        "while sampling with the same weights, instead of the learner's scoring pass (needs engine: hf, "
+        "synchronous sampling, kl_coef: 0); every iteration scores `reuse_check_rows` rows both ways and "
+        "runs the whole pass when one token differs by more than 1e-4 (fp32 agrees; bf16 does not)",
+    )
+    reuse_check_rows: int = Field(4, ge=1, description="rows scored by the learner as well, each iteration, "
+                                  "to check the reused sampler scores")
     num_epochs: int = Field(1, ge=1, description="passes over each batch")
     minibatch_size: int | None = Field(
         None, ge=1, description="rows per optimizer step (shuffled); null: one step on the whole batch per epoch"
@@ -411,6 +420,12 @@ class Experiment(_Strict):
         if self.async_.enabled and self.num_env_runners == 0:
             raise ValueError(
                 "async.enabled samples on remote env runners while the learner updates; set num_env_runners >= 1"
+            )
+        if self.reuse_sampler_scores and (self.engine != "hf" or self.async_.enabled or self.kl_coef > 0):
+            raise ValueError(
+                "reuse_sampler_scores takes the sampler's scores of the learner's own weights: it needs engine: hf "
+                "(vLLM computes no entropies), synchronous sampling (async.enabled: false) and kl_coef: 0 (the "
+                "reference's pass stays)"
             )
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"

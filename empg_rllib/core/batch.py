@@ -29,6 +29,9 @@ class TurnBatch:
     # Constrained decoding: [N, R, K] allowed token ids (-1 padded) of the last R token
     # positions; None when no turn was constrained.
     allowed_ids: np.ndarray | None = None
+    # [N, L-1] float32: the engine's entropies at the sampled positions; None unless every turn
+    # has them (the HF engine computes them, vLLM does not).
+    sampler_entropy: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -54,6 +57,8 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
     attention_mask = np.zeros((n, width), dtype=np.int64)
     resp_mask = np.zeros((n, width - 1), dtype=np.float32)
     sampler_logp = np.zeros((n, width - 1), dtype=np.float32)
+    with_entropy = all(t.entropies is not None for _, _, t in rows)
+    sampler_entropy = np.zeros((n, width - 1), dtype=np.float32) if with_entropy else None
     for row, (_, _, turn) in enumerate(rows):
         seq = turn.prompt_ids + turn.response_ids
         start = width - len(seq)
@@ -63,6 +68,8 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
         if r:
             resp_mask[row, width - 1 - r :] = 1.0
             sampler_logp[row, width - 1 - r :] = turn.logprobs
+            if sampler_entropy is not None:
+                sampler_entropy[row, width - 1 - r :] = turn.entropies
     allowed = pad_allowed([t.allowed_token_ids for _, _, t in rows], max(len(t.response_ids) for _, _, t in rows))
     return TurnBatch(
         input_ids,
@@ -72,6 +79,7 @@ def build_turn_batch(episodes: Sequence[Episode], pad_id: int) -> TurnBatch:
         np.array([e for e, _, _ in rows], dtype=np.int64),
         np.array([t for _, t, _ in rows], dtype=np.int64),
         allowed,
+        sampler_entropy,
     )
 
 

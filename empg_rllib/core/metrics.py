@@ -40,6 +40,10 @@ EMPG_STATS = ("mean", "min", "max")
 SAMPLER_LEARNER_LOGP_GAP_MEAN = "sampler_learner_logp_gap_mean"
 SAMPLER_LEARNER_LOGP_GAP_MAX = "sampler_learner_logp_gap_max"
 LEARNER_SCORE_S = "learner_score_s"
+#: `reuse_sampler_scores`: the largest sampler-learner difference on the checked rows, and
+#: whether the sampler's scores were taken (1) or the whole batch scored (0).
+SAMPLER_SCORE_GAP = "sampler_score_gap"
+SAMPLER_SCORES_REUSED = "sampler_scores_reused"
 WEIGHT_SYNC_S = "weight_sync_s"
 DROPPED_GROUPS = "dropped_groups"
 TIME_TOTAL_S = "time_total_s"  # RLlib's wall time since the run started
