@@ -516,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--max-turns", type=int, default=200, help="the longest episode a client may ask for")
-    p.add_argument("--idle-timeout", type=float, default=600.0, help="close an episode idle this many seconds")
-    p.add_argument("--max-episodes", type=int, default=256, help="episodes open at once")
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="close an episode, or an environment kept for the next one, idle this many seconds")
+    p.add_argument("--max-episodes", type=int, default=256, help="environments at once, open episodes and kept ones")
     p.set_defaults(func=cmd_serve_env)
 
     p = sub.add_parser("report", help="figures and a markdown table comparing runs, from their TensorBoard logs")

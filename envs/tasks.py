@@ -11,6 +11,7 @@ keys its agent needs (an answer, a file, a URL). The agent reads the whole recor
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 from collections.abc import Callable, Mapping
@@ -91,7 +92,7 @@ class TaskDatasetEnv(TextEnv):
             "task_type": str(record.get("task_type", self.dataset)),
             "instruction": record["instruction"],
             "admissible_actions": None,
-            "data": dict(record),
+            "data": copy.deepcopy(record),  # the agent's own: what it changes stays in its episode
         }
         return record["instruction"], info
 

@@ -26,6 +26,8 @@ class FaultyEnv(TextEnv):
     task_types = ("guess",)
     #: Environments made in this process so far; a test resets it to make crashes predictable.
     made: ClassVar[int] = 0
+    #: ... and closed.
+    closed: ClassVar[int] = 0
 
     def __init__(
         self, split: str = "train", max_turns: int = 3, crash_first: int = 0, error_at: str | None = None
@@ -48,6 +50,10 @@ class FaultyEnv(TextEnv):
         instruction = "Answer with one word."
         info = {"task_id": f"faulty/{seed}", "task_type": "guess", "instruction": instruction, "admissible_actions": None}
         return "You are ready.", info
+
+    def close(self) -> None:
+        FaultyEnv.closed += 1
+        super().close()
 
     def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         if self.crashes:

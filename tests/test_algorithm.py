@@ -267,18 +267,21 @@ def test_non_finite_loss_skips_the_update(ray_cluster, model_path, tmp_path):
         algo.stop()
 
 
-@pytest.mark.parametrize("tolerance", [None, -1.0])
-def test_the_samplers_scores_stand_in_for_the_scoring_pass_when_they_agree(ray_cluster, model_path, tmp_path, monkeypatch, tolerance):
+@pytest.mark.parametrize("case", ["agree", "over_tolerance", "stale_weights"])
+def test_the_samplers_scores_stand_in_for_the_scoring_pass_when_they_agree(ray_cluster, model_path, tmp_path, monkeypatch, case):
     """`reuse_sampler_scores` (HF engine, fp32): the sampler's log-probs and entropies agree with
     the learner's pass over every row to 1e-4, and are taken after a check of a few rows; when the
-    check fails (a tolerance no gap meets), the whole batch is scored as before."""
+    check fails (a tolerance no gap meets), or a turn was sampled by other weights than the
+    learner's, the whole batch is scored as before."""
     from empg_rllib.algorithm import empg
 
-    if tolerance is not None:
-        monkeypatch.setattr(empg, "REUSE_TOLERANCE", tolerance)
+    if case == "over_tolerance":
+        monkeypatch.setattr(empg, "REUSE_TOLERANCE", -1.0)
     exp = experiment(tmp_path, env="deepsearch", tasks_per_batch=2, group_size=2, max_turns=3,
                      reuse_sampler_scores=True, reuse_check_rows=2)
     algo = build_algorithm(exp, model_path)
+    if case == "stale_weights":
+        algo._policy_version = 7  # as if the runners had not loaded the learner's weights
     seen: dict = {"scored_rows": []}
     try:
         score_batch, score_steps = algo.score_batch, algo.score_steps
@@ -301,17 +304,19 @@ def test_the_samplers_scores_stand_in_for_the_scoring_pass_when_they_agree(ray_c
     mask = batch.resp_mask > 0
     for key in ("token_logp", "token_entropy"):
         assert np.abs(scores[key] - full[key])[mask].max() < 1e-4
-    if tolerance is None:
+    if case == "agree":
         assert seen["scored_rows"] == [2] and result["sampler_scores_reused"] == 1
         np.testing.assert_array_equal(scores["token_entropy"], batch.sampler_entropy)
         assert 0 < result["sampler_score_gap"] < 1e-4
+        assert 0 < result["sampler_learner_logp_gap_max"] <= result["sampler_score_gap"]  # the checked rows'
     else:
-        assert seen["scored_rows"] == [2, len(batch)] and result["sampler_scores_reused"] == 0
+        checked = [2] if case == "over_tolerance" else []
+        assert seen["scored_rows"] == [*checked, len(batch)] and result["sampler_scores_reused"] == 0
 
 
-def test_reusing_the_samplers_scores_needs_the_hf_engine_in_step_and_no_kl(tmp_path):
+def test_reusing_the_samplers_scores_needs_the_hf_engine_fp32_synchronous_and_no_kl(tmp_path):
     from empg_rllib.config.schema import ConfigError
 
-    for bad in ({"engine": "vllm"}, {"kl_coef": 0.1}):
+    for bad in ({"engine": "vllm"}, {"kl_coef": 0.1}, {"dtype": "bfloat16"}, {"async": {"enabled": True}, "num_env_runners": 1}):
         with pytest.raises(ConfigError, match="reuse_sampler_scores takes the sampler's scores"):
             experiment(tmp_path, env="deepsearch", reuse_sampler_scores=True, **bad)

@@ -71,7 +71,10 @@ def test_one_iteration_on_a_served_environment(token, ray_cluster, model_path, s
 def test_a_crash_the_server_reports_is_retried(token, ray_cluster, model_path, tmp_path):
     from empg_envs.registry import _REGISTRY
 
+    from tests.env_doubles import FaultyEnv
+
     empg_envs.register("test-faulty", "tests.env_doubles:FaultyEnv")
+    FaultyEnv.made = 0  # other tests made some in this process
     try:
         # The first environment the server makes crashes at its first step, as a killed engine would.
         with EnvServer(Episodes("test-faulty", {"crash_first": 1}, token)).start() as server:

@@ -26,9 +26,10 @@ def log_batch_diagnostics(
     """Log into RLlib's MetricsLogger `logger`. `entropy` (H_t), `base` (the outcome advantage)
     and `won` (the episode's outcome) have one value per step."""
     mask = batch.resp_mask > 0
-    gap = np.abs(batch.sampler_logp - scores["token_logp"])[mask]
-    logger.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MEAN, float(gap.mean()) if gap.size else 0.0, window=1)
-    logger.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MAX, float(gap.max()) if gap.size else 0.0, window=1)
+    if scores["token_logp"] is not batch.sampler_logp:  # reused sampler scores: their check logged the gap
+        gap = np.abs(batch.sampler_logp - scores["token_logp"])[mask]
+        logger.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MEAN, float(gap.mean()) if gap.size else 0.0, window=1)
+        logger.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MAX, float(gap.max()) if gap.size else 0.0, window=1)
     logger.log_value(metrics.STEP_ENTROPY_MEAN, float(entropy.mean()), window=1)
     for q in metrics.STEP_ENTROPY_PERCENTILES:
         logger.log_value(metrics.step_entropy_percentile(q), float(np.percentile(entropy, q)), window=1)

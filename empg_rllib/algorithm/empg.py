@@ -412,29 +412,44 @@ class EMPG(Algorithm):
         columns = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "resp_mask": batch.resp_mask}
         if batch.allowed_ids is not None:
             columns["allowed_ids"] = batch.allowed_ids
-        scores = self._reused_sampler_scores(batch, columns) or self.score_batch(columns)
+        scores = self._reused_sampler_scores(episodes, batch, columns) or self.score_batch(columns)
         choices = batch.choice_mask() if self.config.experiment.empg.step_entropy == "choice_tokens" else None
         return batch, scores, step_entropy(scores["token_entropy"], batch.resp_mask, choices)
 
-    def _reused_sampler_scores(self, batch: TurnBatch, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    def _reused_sampler_scores(
+        self, episodes: list[Episode], batch: TurnBatch, columns: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
         """The sampler's own log-probs and entropies as the pre-update scores (`reuse_sampler_scores`),
-        once the learner's pass over `reuse_check_rows` random rows agrees with them to
-        `REUSE_TOLERANCE`; None (score the whole batch) otherwise."""
+        when every turn was sampled by the learner's current weights and the learner's pass over
+        `reuse_check_rows` random rows agrees with them to `REUSE_TOLERANCE`; None (score the
+        whole batch) otherwise. The check's gap is logged as the sampler-learner gap."""
         exp = self.config.experiment
-        if not exp.reuse_sampler_scores or batch.sampler_entropy is None:
+        if not exp.reuse_sampler_scores:
             return None
-        rng = np.random.default_rng(exp.seed * 100_003 + self.iteration)
-        rows = np.sort(rng.choice(len(batch), min(exp.reuse_check_rows, len(batch)), replace=False))
-        checked = self.score_batch({k: v[rows] for k, v in columns.items()})
-        sampled = {"token_logp": batch.sampler_logp, "token_entropy": batch.sampler_entropy}
-        mask = batch.resp_mask[rows] > 0
-        gap = max(float(np.abs(sampled[k][rows] - checked[k])[mask].max(initial=0.0)) for k in sampled)
-        self.metrics.log_value(metrics.SAMPLER_SCORE_GAP, gap, window=1)
-        reused = gap <= REUSE_TOLERANCE
-        self.metrics.log_value(metrics.SAMPLER_SCORES_REUSED, int(reused), window=1)
-        if not reused:
-            logger.warning("iteration %d: the sampler's scores differ from the learner's by %.2g (over %g) on %d "
-                           "checked rows; scoring the whole batch", self.iteration + 1, gap, REUSE_TOLERANCE, len(rows))
+        stale = sum(t.weights_version != self._policy_version for e in episodes for t in e.turns)
+        why = "the engine gave no entropies" if batch.sampler_entropy is None else (
+            f"{stale} turns were sampled by other weights than the learner's" if stale else "")
+        if not why:
+            # A stream of its own: the update plan's shuffle draws from the seed and iteration too.
+            rng = np.random.default_rng([exp.seed, self.iteration, 1])
+            rows = np.sort(rng.choice(len(batch), min(exp.reuse_check_rows, len(batch)), replace=False))
+            checked = self.score_batch({k: v[rows] for k, v in columns.items()})
+            sampled = {"token_logp": batch.sampler_logp, "token_entropy": batch.sampler_entropy}
+            mask = batch.resp_mask[rows] > 0
+            gaps = {k: np.abs(sampled[k][rows] - checked[k])[mask] for k in sampled}
+            gap = max(float(g.max(initial=0.0)) for g in gaps.values())
+            self.metrics.log_value(metrics.SAMPLER_SCORE_GAP, gap, window=1)
+            if mask.any():
+                logp_gap = gaps["token_logp"]
+                self.metrics.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MEAN, float(logp_gap.mean()), window=1)
+                self.metrics.log_value(metrics.SAMPLER_LEARNER_LOGP_GAP_MAX, float(logp_gap.max()), window=1)
+            why = ("the checked rows have no response token" if not mask.any() else
+                   f"they differ from the learner's by {gap:.2g} (over {REUSE_TOLERANCE:g}) on {len(rows)} checked rows"
+                   if gap > REUSE_TOLERANCE else "")
+        self.metrics.log_value(metrics.SAMPLER_SCORES_REUSED, int(not why), window=1)
+        if why:
+            logger.warning("iteration %d: not reusing the sampler's scores (%s); scoring the whole batch",
+                           self.iteration + 1, why)
             return None
         return sampled
 

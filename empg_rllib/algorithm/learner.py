@@ -45,12 +45,15 @@ _STAT_SUMS = ("policy_loss", "clipped", "ratio", "kl", "tokens")
 def micro_batch(batch: Mapping[str, Any], rows: Any, width: int | None) -> dict[str, Any]:
     """`rows` of `batch` (numpy arrays or tensors), trimmed to the last `width` token columns
     (None: all). `allowed_ids` is right-aligned and scored by its last positions: kept whole."""
+    columns = batch["input_ids"].shape[1]
     out = {}
     for key, value in batch.items():
         value = value[rows]
         if width is not None and key != "allowed_ids":  # token columns: width, or width - 1 (next-token)
-            keep = width if key in ("input_ids", "attention_mask") else width - 1
-            value = value[:, value.shape[1] - keep :]
+            full = columns if key in ("input_ids", "attention_mask") else columns - 1
+            if value.ndim != 2 or value.shape[1] != full:
+                raise ValueError(f"batch column {key!r} has shape {tuple(value.shape)}; expected [rows, {full}]")
+            value = value[:, full - (width if full == columns else width - 1) :]
         out[key] = value
     return out
 

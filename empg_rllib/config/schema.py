@@ -352,8 +352,9 @@ class Experiment(_Strict):
         False,
         description="take the pre-update log-probs and entropies from the HF engine, which computed them "
         "while sampling with the same weights, instead of the learner's scoring pass (needs engine: hf, "
-        "synchronous sampling, kl_coef: 0); every iteration scores `reuse_check_rows` rows both ways and "
-        "runs the whole pass when one token differs by more than 1e-4 (fp32 agrees; bf16 does not)",
+        "synchronous sampling, kl_coef: 0, dtype: float32); every iteration scores `reuse_check_rows` rows both "
+        "ways and runs the whole pass when one token differs by more than 1e-4, or when a turn was sampled by "
+        "other weights than the learner's",
     )
     reuse_check_rows: int = Field(4, ge=1, description="rows scored by the learner as well, each iteration, "
                                   "to check the reused sampler scores")
@@ -421,11 +422,13 @@ class Experiment(_Strict):
             raise ValueError(
                 "async.enabled samples on remote env runners while the learner updates; set num_env_runners >= 1"
             )
-        if self.reuse_sampler_scores and (self.engine != "hf" or self.async_.enabled or self.kl_coef > 0):
+        if self.reuse_sampler_scores and (
+            self.engine != "hf" or self.async_.enabled or self.kl_coef > 0 or self.dtype != "float32"
+        ):
             raise ValueError(
                 "reuse_sampler_scores takes the sampler's scores of the learner's own weights: it needs engine: hf "
-                "(vLLM computes no entropies), synchronous sampling (async.enabled: false) and kl_coef: 0 (the "
-                "reference's pass stays)"
+                "(vLLM computes no entropies), synchronous sampling (async.enabled: false), kl_coef: 0 (the "
+                "reference's pass stays) and dtype: float32 (in bf16 the two passes differ by more than 1e-4)"
             )
         if self.empg.step_entropy is None:
             self.empg.step_entropy = "choice_tokens" if self.constrain_actions else "all_tokens"

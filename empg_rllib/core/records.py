@@ -18,7 +18,7 @@ class Turn:
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
-    entropies: list[float] | None  # the engine's, for inspection (None from vLLM); EMPG uses the learner's
+    entropies: list[float] | None  # the engine's (None from vLLM); EMPG uses the learner's unless reuse_sampler_scores
     finish_reason: str
     weights_version: int
     action: str  # what was sent to the environment

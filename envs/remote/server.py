@@ -66,6 +66,7 @@ class Episodes:
         self.max_turns, self.idle_timeout_s, self.max_episodes = max_turns, idle_timeout_s, max_episodes
         self._episodes: dict[str, _Episode] = {}
         self._starting = 0  # episodes being made: they count against max_episodes too
+        self._closing = False  # `close_all` ran: nothing is kept idle, nothing starts
         #: Environments of ended episodes, oldest first: (kind, env, idle since).
         self._idle: list[tuple[tuple[str, int], gym.Env, float]] = []
         self._guard = threading.Lock()
@@ -110,6 +111,8 @@ class Episodes:
         self.reap()
         kind = (split, max_turns)
         with self._guard:
+            if self._closing:
+                raise RequestError(503, "Closing", "the server is shutting down")
             if len(self._episodes) + self._starting >= self.max_episodes:
                 raise RequestError(503, "Busy", f"{self.max_episodes} episodes are open; close some first")
             env = self._take_idle(kind)
@@ -191,14 +194,16 @@ class Episodes:
         if episode is None or not episode.lock.acquire(blocking=wait):
             return False
         try:
-            with self._guard:
+            keep = False
+            with self._guard:  # out of the open episodes and into the idle ones at once: never uncounted
                 self._episodes.pop(episode_id, None)
+                if not episode.closed:
+                    keep = reuse and episode.reusable and not self._closing
+                    if keep:
+                        self._idle.append((episode.kind, episode.env, time.monotonic()))
             if not episode.closed:
                 episode.closed = True
-                if reuse and episode.reusable:
-                    with self._guard:
-                        self._idle.append((episode.kind, episode.env, time.monotonic()))
-                else:
+                if not keep:
                     _close(episode.env)
         finally:
             episode.lock.release()
@@ -217,7 +222,10 @@ class Episodes:
         return sum(self._drop(episode_id, wait=False) for episode_id in idle)
 
     def close_all(self) -> None:
+        """Close every episode and idle environment; from now on no environment is kept idle
+        (a step still under way closes its own) and no episode starts."""
         with self._guard:
+            self._closing = True
             ids = list(self._episodes)
         for episode_id in ids:
             self._drop(episode_id)

@@ -253,7 +253,7 @@ def test_an_environment_is_reused_by_the_next_episode_of_its_kind_unless_its_epi
     from tests.env_doubles import FaultyEnv
 
     empg_envs.register("test-faulty", "tests.env_doubles:FaultyEnv")
-    FaultyEnv.made = 0
+    FaultyEnv.made = FaultyEnv.closed = 0
     try:
         with serve("test-faulty", {"crash_first": 1}, max_episodes=1, idle_timeout_s=0.5) as server:
             def play(max_turns: int = 3) -> None:
@@ -263,15 +263,17 @@ def test_an_environment_is_reused_by_the_next_episode_of_its_kind_unless_its_epi
 
             with pytest.raises(EnvCrashed):
                 play()  # the first environment made crashes: closed, not kept
+            assert FaultyEnv.closed == 1
             play()
             play()
-            assert FaultyEnv.made == 2  # the third episode played on the second's environment
+            assert FaultyEnv.made == 2 and FaultyEnv.closed == 1  # the third episode played on the second's env
             play(max_turns=2)  # another kind: the idle one makes room under max_episodes=1
             play(max_turns=2)
-            assert FaultyEnv.made == 3
+            assert FaultyEnv.made == 3 and FaultyEnv.closed == 2
             time.sleep(1.2)  # closed once idle past idle_timeout_s
             play(max_turns=2)
-            assert FaultyEnv.made == 4
+            assert FaultyEnv.made == 4 and FaultyEnv.closed == 3
+        assert FaultyEnv.closed == 4  # the server's close closes the one kept
     finally:
         from empg_envs.registry import _REGISTRY
 

@@ -228,7 +228,8 @@ class ChatEndpoint:
         if tools and self.tags_tool_calls:
             message["content"], calls = read_tool_calls(completion.text, f"call-{name}-{number}")
             if calls:
-                message["tool_calls"], finish = calls, "tool_calls"
+                message["tool_calls"] = calls
+                finish = finish if finish == "length" else "tool_calls"
         return {
             "id": f"chatcmpl-{name}-{number}",
             "object": "chat.completion",

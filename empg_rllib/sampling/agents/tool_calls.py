@@ -40,8 +40,9 @@ def read_tool_calls(text: str, call_id: str) -> tuple[str | None, list[dict[str,
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return text, []
         arguments = call.get("arguments", call.get("parameters", {}))
-        calls.append({"id": f"{call_id}-{i}", "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        if not isinstance(arguments, str):  # already a JSON string: as the model wrote it
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append({"id": f"{call_id}-{i}", "type": "function", "function": {"name": call["name"], "arguments": arguments}})
     if not calls:
         return text, []
     rest = TOOL_CALL.sub("", text).strip()
