@@ -70,7 +70,6 @@ def test_one_iteration_on_a_served_environment(token, ray_cluster, model_path, s
 @pytest.mark.timeout(300)
 def test_a_crash_the_server_reports_is_retried(token, ray_cluster, model_path, tmp_path):
     from empg_envs.registry import _REGISTRY
-
     from tests.env_doubles import FaultyEnv
 
     empg_envs.register("test-faulty", "tests.env_doubles:FaultyEnv")
