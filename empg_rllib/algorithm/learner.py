@@ -53,7 +53,8 @@ def micro_batch(batch: Mapping[str, Any], rows: Any, width: int | None) -> dict[
             full = columns if key in ("input_ids", "attention_mask") else columns - 1
             if value.ndim != 2 or value.shape[1] != full:
                 raise ValueError(f"batch column {key!r} has shape {tuple(value.shape)}; expected [rows, {full}]")
-            value = value[:, full - (width if full == columns else width - 1) :]
+            keep = width if full == columns else width - 1
+            value = value[:, full - keep :]
         out[key] = value
     return out
 

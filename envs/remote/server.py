@@ -194,17 +194,14 @@ class Episodes:
         if episode is None or not episode.lock.acquire(blocking=wait):
             return False
         try:
-            keep = False
             with self._guard:  # out of the open episodes and into the idle ones at once: never uncounted
                 self._episodes.pop(episode_id, None)
-                if not episode.closed:
-                    keep = reuse and episode.reusable and not self._closing
-                    if keep:
-                        self._idle.append((episode.kind, episode.env, time.monotonic()))
-            if not episode.closed:
-                episode.closed = True
-                if not keep:
-                    _close(episode.env)
+                ending, episode.closed = not episode.closed, True
+                keep = ending and reuse and episode.reusable and not self._closing
+                if keep:
+                    self._idle.append((episode.kind, episode.env, time.monotonic()))
+            if ending and not keep:
+                _close(episode.env)
         finally:
             episode.lock.release()
         return True
