@@ -5,7 +5,7 @@ engine.
 
     python benchmarks/smollm2_examples.py [--files alfworld webshop] [--engines hf vllm] [--episodes 16]
 
-Writes benchmarks/results/smollm2_examples.{json,png}.
+Writes benchmarks/results/smollm2_examples.{json,png} (`--out` names them otherwise).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--files", nargs="*", default=[p.stem for p in sorted(EXAMPLES.glob("*.yaml")) if p.stem != "demo"])
     parser.add_argument("--engines", nargs="*", default=["hf", "vllm"])
     parser.add_argument("--episodes", type=int, default=16, help="zero-shot episodes per held-out split")
+    parser.add_argument("--out", default="smollm2_examples", help="results name: <out>.json and <out>.png")
     args = parser.parse_args()
     from empg_rllib.workflows.library_logs import quiet_libraries
     from empg_rllib.workflows.session import ray_session
@@ -102,8 +103,8 @@ def main() -> None:
                 row = measure(EXAMPLES / f"{name}.yaml", engine, args.episodes, f"{run_dir}/{name}-{engine}")
                 print(row, flush=True)
                 rows.append(row)
-    path = write("smollm2_examples", {"rows": rows})
-    plot(rows, RESULTS / "smollm2_examples.png")
+    path = write(args.out, {"rows": rows})
+    plot(rows, RESULTS / f"{args.out}.png")
     print(path)
 
 
