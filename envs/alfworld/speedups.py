@@ -1,8 +1,15 @@
-"""Memoization of two pure functions the TextWorld PDDL engine recomputes all the time.
+"""Memoization of pure functions the TextWorld PDDL engine recomputes all the time.
 
 * `textgen._parse_and_convert(text)`: TatSu re-parses the same grammar snippets (command
   templates, feedback rules) for every admissible command on every step; that parsing is about
   40% of a step. The cache hands out deep copies because `derive` mutates the parsed symbols.
+* `logic._parse_and_convert(text, rule_name="conjunctiveQuery")`: the conditions of those
+  snippets (`{text|condition}`) are parsed again by TatSu each time they are derived, about a
+  fifth of a step after the cache above. The result is a list of predicates, which TextWorld
+  treats as values (hashable, never changed), so the cache hands out a new list of the same ones.
+* `textgen.copy_context(context)` deep-copies the context's `variables` and `mapping` for every
+  symbol derived: most of what is left of a step. Derivation only adds keys to those dicts (the
+  entity infos and placeholders in them are read, never changed), so copies of the dicts do.
 * `fast_downward.pddl2sas(domain, problem)`: `PddlEnv.load` and `PddlEnv.reset` translate the
   same problem twice each; reusing the translation makes the first reset after a load ~5x
   cheaper and a replay of the same game cheaper still. The translated task is only read.
@@ -22,6 +29,7 @@ from typing import Any
 
 import fast_downward
 import textworld.envs.pddl.textgen as textgen
+import textworld.logic as logic
 
 _PARSE_CACHE_SIZE = 4096
 _SAS_CACHE_SIZE = 16
@@ -55,6 +63,27 @@ def _cached_parse(original: Callable[..., Any]) -> Callable[..., Any]:
     return parse_and_convert
 
 
+def _cached_query_parse(original: Callable[..., Any]) -> Callable[..., Any]:
+    cache = _LRU(_PARSE_CACHE_SIZE)
+
+    def parse_and_convert(text: str, **kwargs: Any) -> Any:
+        if kwargs != {"rule_name": "conjunctiveQuery"}:
+            return original(text, **kwargs)
+        return list(cache.lookup(text, lambda: original(text, **kwargs)))
+
+    return parse_and_convert
+
+
+def _copy_context(context: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": context["state"],
+        "facts": context["facts"],
+        "variables": dict(context["variables"]),
+        "mapping": dict(context["mapping"]),
+        "entity_infos": context["entity_infos"],
+    }
+
+
 def _cached_pddl2sas(original: Callable[..., Any]) -> Callable[..., Any]:
     cache = _LRU(_SAS_CACHE_SIZE)
 
@@ -76,8 +105,12 @@ def install() -> None:
     if _originals:
         return
     _originals["parse"] = textgen._parse_and_convert
+    _originals["query_parse"] = logic._parse_and_convert
     _originals["pddl2sas"] = fast_downward.pddl2sas
     textgen._parse_and_convert = _cached_parse(_originals["parse"])
+    logic._parse_and_convert = _cached_query_parse(_originals["query_parse"])
+    _originals["copy_context"] = textgen.copy_context
+    textgen.copy_context = _copy_context
     fast_downward.pddl2sas = _cached_pddl2sas(_originals["pddl2sas"])
 
 
@@ -86,4 +119,6 @@ def uninstall() -> None:
     if not _originals:
         return
     textgen._parse_and_convert = _originals.pop("parse")
+    logic._parse_and_convert = _originals.pop("query_parse")
+    textgen.copy_context = _originals.pop("copy_context")
     fast_downward.pddl2sas = _originals.pop("pddl2sas")
