@@ -67,6 +67,12 @@ def flops_per_token(config: Any, context: float, head: bool = True) -> float:
     return layers * (per_layer + attention) + (2 * h * config.vocab_size if head else 0)
 
 
+def labelled_overrides(spec: str) -> tuple[str, list[str]]:
+    """"label:KEY=VALUE,KEY=VALUE" -> (label, ["KEY=VALUE", ...]): a benchmark's variant."""
+    label, _, sets = spec.partition(":")
+    return label, [item for item in sets.split(",") if item]
+
+
 def write(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

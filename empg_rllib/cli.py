@@ -219,10 +219,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"RL's gain over {start} on {split}: {g['gain']:+.1%} ± {g['se']:.1%} (binomial standard error; "
             f"{g['gain'] / g['se']:+.1f} SE)" if g["se"] else f"RL's gain over {start} on {split}: {g['gain']:+.1%}"
         )
-    console.print(f"demo finished in {report['wall_s']:.0f}s; TensorBoard logs: {run_dir / 'tensorboard'}; "
-                  f"summary: {run_dir / SUMMARY_FILE}")
+    console.print(f"demo finished in {report['wall_s']:.0f}s ({_time_line(report['time_s'])}); TensorBoard logs: "
+                  f"{run_dir / 'tensorboard'}; summary: {run_dir / SUMMARY_FILE}")
     console.print(_ray_logs_line(address, run_dir / RAY_LOGS))
     return 0
+
+
+def _time_line(split: dict[str, float]) -> str:
+    """The demo's time by phase, RL by part, in a few words."""
+    def phase(prefix: str) -> float:
+        return sum(v for k, v in split.items() if k.startswith(prefix))
+
+    rl = ", ".join(f"{part} {split[f'rl/{part}']:.0f}s" for part in ("sampling", "scoring", "update"))
+    return (f"SFT {phase('sft_'):.0f}s, evaluations {phase('evaluation_'):.0f}s, RL {phase('rl/'):.0f}s: {rl}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from empg_rllib.core import metrics
 from empg_rllib.core.advantages import empg_modulate, group_advantages
 from empg_rllib.core.scoring import score_responses
 from empg_rllib.workflows import models
 from empg_rllib.workflows.runs import latest_checkpoint
-from empg_rllib.workflows.training import build_algorithm, train
+from empg_rllib.workflows.training import build_algorithm, flatten, train
 from tests.helpers import experiment, k3_by_hand, lm_weights
 
 ENVS = {"alfworld": {}, "webshop": {}, "deepsearch": {}, "twx/coin": {}}
@@ -111,6 +112,14 @@ def test_one_empg_iteration_runs_and_logs(ray_cluster, model_path, tmp_path):
     assert per_step[0] == pytest.approx(0.0, abs=1e-9)
     assert per_step[1] > 1e-3  # ~5e-2 here: one step at lr 1e-4 from the reference
     assert stats["kl"] == pytest.approx(np.mean(per_step), rel=1e-3, abs=1e-7)  # float32 sums
+    # The iteration's wall time by part: every part it ran took time, and they add up to it.
+    split = metrics.time_split(flatten(result))
+    assert all(split[part] > 0 for part in ("sampling", "scoring", "update", "weight_sync"))
+    assert split["evaluation"] == 0 and split["other"] >= 0
+    assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"])
+    assert split["total"] == pytest.approx(result["time_this_iter_s"])
+    # The turns' prompts, all of them computed from their first token or not, per engine second.
+    assert result["env_runners"]["prompt_tokens_mean"] > 10 and result["env_runners"]["prompt_tokens_per_s"] > 0
 
 
 def test_constrained_actions_are_scored_as_sampled(ray_cluster, model_path, tmp_path):

@@ -307,12 +307,31 @@ class EMPG(Algorithm):
         longer iterations. An iteration in which not one episode ended (an unreachable server)
         stops the run with `EnvFailure`.
         """
+        self._spent = dict.fromkeys(metrics.TIME_PARTS.values(), 0.0)
+        try:
+            self._training_step()
+        finally:
+            for tag, seconds in self._spent.items():
+                self.metrics.log_value(tag, seconds, window=1)
+
+    @contextlib.contextmanager
+    def _timed(self, tag: str):
+        """Adds the block's wall time to this iteration's part `tag` (metrics.TIME_PARTS)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent[tag] += time.perf_counter() - started
+
+    def _training_step(self) -> None:
         exp = self.config.experiment
         if self._async is not None:
-            episodes = self._sample_async()
+            with self._timed(metrics.SAMPLING_S):
+                episodes = self._sample_async()
         else:
             requests = self._draw_groups()
-            played = self.sample_episodes(requests)
+            with self._timed(metrics.SAMPLING_S):
+                played = self.sample_episodes(requests)
             if not played:
                 # Not one episode ended: the environment is unreachable or broken, not flaky.
                 # Going on would run every iteration to the same nothing.
@@ -337,9 +356,8 @@ class EMPG(Algorithm):
             self._evaluate_if_due()
             return
         advantage = episode_advantages(episodes, scale_by_std=exp.advantage == "grpo")
-        started = time.perf_counter()
-        batch, scores, entropy = self.score_steps(episodes)
-        self.metrics.log_value(metrics.LEARNER_SCORE_S, time.perf_counter() - started, window=1)
+        with self._timed(metrics.LEARNER_SCORE_S):
+            batch, scores, entropy = self.score_steps(episodes)
         empg = exp.empg.modulation() if exp.empg.enabled else None
         step_adv, token_adv, terms = token_advantages(batch, advantage, entropy, empg)
         won = np.array([e.won for e in episodes], dtype=bool)[batch.traj_index]
@@ -358,14 +376,13 @@ class EMPG(Algorithm):
             train["ref_logp"] = scores["ref_logp"].astype(np.float32)
         if self._async is not None:
             train["is_weight"] = self._importance_weights(scores["token_logp"], batch)
-        self.metrics.aggregate(self.update_learners(train), key=LEARNER_RESULTS)
-
-        started = time.perf_counter()
-        if self._async is not None:
-            self.post_runner_weights()
-        else:
-            self.sync_runner_weights()
-        self.metrics.log_value(metrics.WEIGHT_SYNC_S, time.perf_counter() - started, window=1)
+        with self._timed(metrics.LEARNER_UPDATE_S):
+            self.metrics.aggregate(self.update_learners(train), key=LEARNER_RESULTS)
+        with self._timed(metrics.WEIGHT_SYNC_S):
+            if self._async is not None:
+                self.post_runner_weights()
+            else:
+                self.sync_runner_weights()
         self._evaluate_if_due()
 
     def _importance_weights(self, proximal_logp: np.ndarray, batch) -> np.ndarray:
@@ -386,7 +403,9 @@ class EMPG(Algorithm):
         a sweep ranks its trials by these results (a weak policy's DAPO skips many updates)."""
         exp = self.config.experiment
         if exp.evaluation.interval and (self.iteration + 1) % exp.evaluation.interval == 0:
-            for split, result in self.evaluate_splits().items():
+            with self._timed(metrics.EVALUATION_S):
+                results = self.evaluate_splits()
+            for split, result in results.items():
                 for key, value in result.items():
                     self.metrics.log_value((metrics.EVALUATION, split, key), value, window=1)
 
@@ -497,13 +516,16 @@ class EMPG(Algorithm):
     def evaluate_splits(
         self, splits: list[str] | None = None, episodes: int | None = None, seed: int = EVAL_SEED
     ) -> dict[str, dict[str, float]]:
-        """Success rate, mean score and length of the current policy on each split."""
+        """Success rate, mean score and length of the current policy on each split, and the
+        seconds each split took."""
         exp = self.config.experiment
         results = {}
         for split in splits or exp.evaluation.splits:
+            started = time.perf_counter()
             requests = [EpisodeRequest(seed=seed + i, group=f"eval-{i}") for i in range(episodes or exp.evaluation.episodes)]
             played = self.sample_episodes(requests, split=split, temperature=exp.evaluation.temperature, evaluation=True)
             results[split] = {
+                metrics.WALL_S: time.perf_counter() - started,
                 metrics.SUCCESS_RATE: float(np.mean([e.won for e in played])) if played else 0.0,
                 metrics.SCORE_MEAN: float(np.mean([e.score for e in played])) if played else 0.0,
                 metrics.EPISODE_LEN_MEAN: float(np.mean([len(e.turns) for e in played])) if played else 0.0,

@@ -20,6 +20,10 @@ INVALID_ACTION_RATE = "invalid_action_rate"
 FORMAT_ERROR_RATE = "format_error_rate"
 ENV_STEPS_PER_S = "env_steps_per_s"
 GENERATED_TOKENS_PER_S = "generated_tokens_per_s"
+#: Prompt tokens per second of engine time (prefill included or spared by a prefix cache) and
+#: per turn: with the generated tokens, the model's FLOPs that a turn asks of the engine.
+PROMPT_TOKENS_PER_S = "prompt_tokens_per_s"
+PROMPT_TOKENS_MEAN = "prompt_tokens_mean"
 NUM_ENV_CRASHES = "num_env_crashes"
 NUM_ENV_CRASH_RETRIES = "num_env_crash_retries"
 NUM_CRASHED_EPISODES = "num_crashed_episodes"
@@ -45,6 +49,10 @@ LEARNER_SCORE_S = "learner_score_s"
 SAMPLER_SCORE_GAP = "sampler_score_gap"
 SAMPLER_SCORES_REUSED = "sampler_scores_reused"
 WEIGHT_SYNC_S = "weight_sync_s"
+SAMPLING_S = "sampling_s"  # waiting for the batch's episodes (async: for the next groups)
+LEARNER_UPDATE_S = "learner_update_s"
+EVALUATION_S = "evaluation_s"  # `evaluation.interval`'s evaluations inside an iteration
+ITERATION_S = "time_this_iter_s"  # RLlib's wall time of one iteration
 DROPPED_GROUPS = "dropped_groups"
 TIME_TOTAL_S = "time_total_s"  # RLlib's wall time since the run started
 
@@ -81,6 +89,7 @@ def learners(name: str) -> str:
 EVALUATION = "evaluation"
 SCORE_MEAN = "score_mean"
 EPISODES = "episodes"
+WALL_S = "wall_s"
 #: What an evaluation reports per split (besides its number of EPISODES), and a sweep may rank by.
 EVALUATION_KEYS = (SUCCESS_RATE, SCORE_MEAN, EPISODE_LEN_MEAN)
 
@@ -101,3 +110,20 @@ SUMMARY_KEYS = {
     "H_step": STEP_ENTROPY_MEAN,
     "loss": learners(POLICY_LOSS),
 }
+
+#: The parts of an iteration's wall time that the algorithm times: label -> tag.
+TIME_PARTS = {
+    "sampling": SAMPLING_S,
+    "scoring": LEARNER_SCORE_S,
+    "update": LEARNER_UPDATE_S,
+    "weight_sync": WEIGHT_SYNC_S,
+    "evaluation": EVALUATION_S,
+}
+
+
+def time_split(scalars: dict[str, float]) -> dict[str, float]:
+    """One iteration's wall time (`total`) by part (TIME_PARTS' labels, 0 for a part that did
+    not run), and `other`: what none of them covers (building the batch, advantages, metrics)."""
+    parts = {label: float(scalars.get(tag, 0.0)) for label, tag in TIME_PARTS.items()}
+    total = float(scalars.get(ITERATION_S, sum(parts.values())))
+    return {**parts, "other": max(total - sum(parts.values()), 0.0), "total": total}

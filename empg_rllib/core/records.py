@@ -67,6 +67,7 @@ class RolloutStats:
     episodes: int = 0
     env_steps: int = 0
     generated_tokens: int = 0
+    prompt_tokens: int = 0  # each turn's whole prompt, whatever an engine's cache spared it
     env_crashes: int = 0  # EnvCrashed raised; every attempt counts
     crash_retries: int = 0  # episodes started again on a fresh environment after a crash
     crashed_episodes: int = 0  # episodes given up: their environment crashed on every attempt

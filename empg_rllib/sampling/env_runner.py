@@ -202,6 +202,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             m.log_value(metrics.ENV_STEPS_PER_S, steps / stats.wall_seconds, window=1)
         if stats.engine_seconds > 0:
             m.log_value(metrics.GENERATED_TOKENS_PER_S, stats.generated_tokens / stats.engine_seconds, window=1)
+            m.log_value(metrics.PROMPT_TOKENS_PER_S, stats.prompt_tokens / stats.engine_seconds, window=1)
+        if steps:
+            m.log_value(metrics.PROMPT_TOKENS_MEAN, stats.prompt_tokens / steps, window=1)
         if not episodes:
             return
         turns = [t for e in episodes for t in e.turns]

@@ -345,6 +345,7 @@ class Rollout:
         prompt, completion, parsed, action = conv.sampled
         self.stats.env_steps += 1
         self.stats.generated_tokens += len(completion.token_ids)
+        self.stats.prompt_tokens += len(prompt)
         conv.episode.turns.append(
             Turn(
                 prompt_ids=prompt,

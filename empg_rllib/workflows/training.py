@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from empg_rllib.config.schema import EVAL_SEED, Experiment
-from empg_rllib.core.metrics import STEP_ENTROPY_VALUES, SUMMARY_KEYS
+from empg_rllib.core.metrics import STEP_ENTROPY_VALUES, SUMMARY_KEYS, time_split
 from empg_rllib.util.fileio import write_json
 from empg_rllib.workflows.runs import (
     check_run_dir,
@@ -71,7 +71,8 @@ def train(
     on_iteration: Callable[[int, dict[str, float]], None] | None = None,
     on_sampling: SamplingHook | None = None,
 ) -> dict[str, Any]:
-    """Train for `exp.iterations`, checkpointing every `exp.checkpoint_every`; returns a summary.
+    """Train for `exp.iterations`, checkpointing every `exp.checkpoint_every`; returns a summary
+    (the final checkpoint, history.json's entries, `time_s`: the iterations' time by part).
     `on_sampling`: a live view of each batch being sampled (progress.SamplingHook)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -97,7 +98,11 @@ def train(
                 values = entropies[-1] if isinstance(entropies[0], list) else entropies
                 writer.add_histogram("step_entropy", np.asarray(values), iteration)
             writer.flush()
-            history.append({"iteration": iteration, **{k: scalars.get(v) for k, v in SUMMARY_KEYS.items()}})
+            history.append({
+                "iteration": iteration,
+                **{k: scalars.get(v) for k, v in SUMMARY_KEYS.items()},
+                "time_s": time_split(scalars),
+            })
             if exp.checkpoint_every and iteration % exp.checkpoint_every == 0:
                 save_checkpoint(algo, run_dir, exp, model_path)
             # After the checkpoint: a caller may end the process here (Tune stopping a trial).
@@ -106,9 +111,15 @@ def train(
         final = save_checkpoint(algo, run_dir, exp, model_path)
         writer.close()
         write_json(run_dir / "history.json", history)
-        return {"checkpoint": str(final), "iterations": algo.iteration, "history": history}
+        return {"checkpoint": str(final), "iterations": algo.iteration, "history": history, "time_s": total_time(history)}
     finally:
         algo.stop()
+
+
+def total_time(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The iterations' wall time by part (metrics.time_split), summed over `history`."""
+    parts = [entry["time_s"] for entry in history if "time_s" in entry]
+    return {label: sum(p[label] for p in parts) for label in parts[0]} if parts else {}
 
 
 def evaluate(

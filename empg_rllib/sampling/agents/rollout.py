@@ -265,6 +265,7 @@ class AgentRollout:
                 self.stats.episodes += 1
                 self.stats.env_steps += len(turns)
                 self.stats.generated_tokens += sum(len(t.response_ids) for t in turns)
+                self.stats.prompt_tokens += sum(len(t.prompt_ids) for t in turns)
                 won = task.won if task.won is not None else reward >= 1.0
                 return Episode(task.task_id, task.task_type, request.seed, request.group, turns, won=won,
                                score=float(reward), truncated=task.truncated)
