@@ -61,7 +61,7 @@ class ScriptedLM(torch.nn.Module):
         self.plans, self.vocab_size, self.calls = plans, vocab_size, 0
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True, **_):
         i = self.calls
         self.calls += 1
         logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab_size), -1e4)
@@ -167,3 +167,50 @@ def test_row_seeded_sampling_draws_each_token_with_its_probability_and_never_a_m
     assert set(tokens.tolist()) <= {1, 3, 4} and tokens[-3:].tolist() == [1, 4, 4]
     counts = torch.bincount(tokens, minlength=6).float() / len(tokens)
     torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.03, rtol=0)
+
+
+def _input_shapes(model):
+    """A list that each forward pass appends the shape of its input ids to."""
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    return seen
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing(tiny_model):
+    tokenizer, model = tiny_model
+    cached, plain = (HFEngine(type(model)(model.config), tokenizer, prefix_cache=on) for on in (True, False))
+    for engine in (cached, plain):
+        engine.update_weights(model.state_dict())
+    assert cached.prefix_cache is not None and plain.prefix_cache is None
+    shapes = _input_shapes(cached.model)
+    system = tokenizer.encode("You are an agent in a household. Answer with one action in tags. " * 2)
+    task = tokenizer.encode(" Your task is to put a mug in the fridge.")
+    tails = [tokenizer.encode(t) for t in (" look", " go to the cabinet 1 now", " open it", " take the mug 1 from it")]
+    actions = _choices(tokenizer, ["go to cabinet 1", "open fridge 1", "look"])
+    batches = [
+        [system + task + tail for tail in tails],  # a group: system prompt and task shared
+        [system + tokenizer.encode(f" Task {i}: find a book.") + tails[i] for i in range(3)],  # the system prompt only
+    ]
+    for prompts in batches:
+        for choices in (None, [actions, None, actions[:2], actions][: len(prompts)]):
+            params = SamplingParams(max_new_tokens=10, temperature=0.9, seed=3, stop=())
+            del shapes[:]
+            got, want = cached.generate(prompts, params, choices), plain.generate(prompts, params, choices)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want]
+            for a, b in zip(got, want):
+                assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+                assert max(abs(x - y) for x, y in zip(a.entropies, b.entropies)) < 1e-5
+            # The prefill (every pass of more than one position) computed the shared prefix at
+            # most once and each row's tail after the system prompt: less than a full prefill.
+            width = max(len(p) for p in prompts)
+            prefill = sum(rows * positions for rows, positions in shapes if positions > 1)
+            assert prefill <= width + len(prompts) * (width - len(system)) < len(prompts) * width
+    assert cached.prefix_cache.tokens[: len(system)] == system
+    # New weights: the cached prefix is recomputed, results follow the new weights.
+    perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    for engine in (cached, plain):
+        engine.update_weights(perturbed)
+    params = SamplingParams(max_new_tokens=10, seed=4, stop=())
+    got, want = cached.generate(batches[0], params), plain.generate(batches[0], params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert max(abs(x - y) for a, b in zip(got, want) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5

@@ -250,6 +250,12 @@ class Experiment(_Strict):
         "hf", description="the env runners' inference engine: transformers generate, or vLLM (the `vllm` section)"
     )
     vllm: VLLMSettings = Field(VLLMSettings(), description="the vLLM engine's settings (`engine: vllm`)")
+    prefix_cache: bool = Field(
+        True,
+        description="compute the prompt prefix that prompts share (the system prompt, a group's task) once and "
+        "reuse its KV cache: the HF engine keeps the prefix a batch shares until the weights change, vLLM its "
+        "automatic prefix caching; results agree with a full prefill to float rounding",
+    )
     weight_sync_timeout_s: float = Field(
         600.0,
         gt=0,

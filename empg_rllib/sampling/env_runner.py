@@ -80,7 +80,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if exp.engine == "hf":
             from empg_rllib.sampling.engines.hf import HFEngine
 
-            return HFEngine(self.module.lm, self.tokenizer, seed=seed, device=self.device)
+            return HFEngine(self.module.lm, self.tokenizer, seed=seed, device=self.device, prefix_cache=exp.prefix_cache)
         from empg_rllib.core.precision import resolve_dtype
         from empg_rllib.sampling.engines.vllm import LOG_FILE, VLLMEngine, cpu_cores_for
 
@@ -102,6 +102,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             if self.device == "cpu"
             else None,
             log_file=exp.directory / LOG_FILE,
+            prefix_cache=exp.prefix_cache,
         )
 
     # ---- RLlib contract ------------------------------------------------------------------

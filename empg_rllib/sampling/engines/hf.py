@@ -19,6 +19,7 @@ from empg_rllib.core.losses import log_softmax_and_entropy
 from empg_rllib.core.precision import resolve_dtype
 from empg_rllib.core.scoring import left_pad, position_ids
 from empg_rllib.sampling.engines.base import Completion, FinishReason, SamplingParams, check_request
+from empg_rllib.sampling.engines.prefix_cache import PrefixCache
 
 
 class HFEngine:
@@ -32,13 +33,16 @@ class HFEngine:
         device: str = "cpu",
         seed: int = 0,
         max_batch_size: int = 64,
+        prefix_cache: bool = True,
     ) -> None:
+        """`prefix_cache`: compute the prompt prefix a batch shares once (prefix_cache.py)."""
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.prefix_cache = PrefixCache(self.model) if prefix_cache and PrefixCache.supports(self.model) else None
         self.weights_version = 0
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._stop_cache: dict[tuple[tuple[str, ...], int], torch.Tensor] = {}
@@ -58,6 +62,17 @@ class HFEngine:
 
     def set_rng_state(self, state: Any) -> None:
         self._generator.set_state(torch.as_tensor(state, dtype=torch.uint8))
+
+    @property
+    def weights_version(self) -> int:
+        """The version of the weights the engine samples with; setting it says they changed."""
+        return self._weights_version
+
+    @weights_version.setter
+    def weights_version(self, version: int) -> None:
+        self._weights_version = version
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> None:
         self.model.load_state_dict(dict(state_dict), strict=True)
@@ -121,10 +136,19 @@ class HFEngine:
         """`sampler`: one stream for the batch, or each row's own uniforms ([rows, steps], see
         `_row_uniforms`: a row's samples then depend on its own seed alone)."""
         batch = len(prompts)
-        input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
+        shared = self.prefix_cache.shared_length(prompts) if self.prefix_cache is not None else 0
+        # With a shared prefix from the cache, each row's tail is left-padded after it.
+        input_ids, attention_mask = left_pad([p[shared:] for p in prompts], self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        positions = position_ids(attention_mask)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        past = None
+        if shared:
+            past = self.prefix_cache.past(prompts[0][:shared], batch)
+            attention_mask = torch.cat([attention_mask.new_ones(batch, shared), attention_mask], dim=-1)
+        positions = position_ids(attention_mask)[:, shared:]
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=past,
+            use_cache=True, logits_to_keep=1,
+        )
         past, logits = out.past_key_values, out.logits[:, -1, :]
         next_position = positions[:, -1:] + 1
 

@@ -87,6 +87,7 @@ class VLLMEngine:
         max_num_seqs: int | None = None,
         cpu_cores: Sequence[int] | None = None,
         log_file: str | os.PathLike | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         """`log_file`: where vLLM's log lines and what its processes print to standard error go
         (log lines of level ERROR also reach the terminal); None leaves them on the terminal."""
@@ -114,6 +115,7 @@ class VLLMEngine:
             "logits_processors": [f"{_WORKER}:ChoiceLogitsProcessor"],
             "worker_extension_cls": f"{_WORKER}.WeightLoader",
             "gpu_memory_utilization": gpu_memory_utilization,
+            "enable_prefix_caching": prefix_cache,
         }
         if kv_cache_gib is not None:
             options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
