@@ -57,7 +57,9 @@ def measure(
         (runners.get(metrics.PROMPT_TOKENS_PER_S) or 0.0) * flops_per_token(config, prompt_mean / 2, head=False)
         + (runners.get(metrics.GENERATED_TOKENS_PER_S) or 0.0) * flops_per_token(config, prompt_mean)
     ) / 1e9
-    dtype = str(resolve_dtype(exp.dtype)).removeprefix("torch.")
+    # What the engine computes in: vllm.dtype overrides the experiment's for vLLM.
+    requested = (exp.vllm.dtype if exp.engine == "vllm" else None) or exp.dtype
+    dtype = requested if requested == "float16" else str(resolve_dtype(requested)).removeprefix("torch.")
     return {
         "file": path.name,
         "engine": engine,
@@ -77,7 +79,7 @@ def measure(
         "prompt_tokens_per_s": _number(runners.get(metrics.PROMPT_TOKENS_PER_S)),
         "prompt_tokens_mean": _number(prompt_mean),
         "engine_gflops": engine_gflops,
-        "engine_share_of_peak": engine_gflops / peaks[dtype],
+        "engine_share_of_peak": engine_gflops / peaks[dtype] if dtype in peaks else None,
         "skipped_update": bool(result.get("skipped_iterations")),
     }
 

@@ -231,7 +231,8 @@ def _time_line(split: dict[str, float]) -> str:
         return sum(v for k, v in split.items() if k.startswith(prefix))
 
     rl = ", ".join(f"{part} {split[f'rl/{part}']:.0f}s" for part in ("sampling", "scoring", "update"))
-    return (f"SFT {phase('sft_'):.0f}s, evaluations {phase('evaluation_'):.0f}s, RL {phase('rl/'):.0f}s: {rl}")
+    sft = f"SFT {phase('sft_'):.0f}s, " if "sft_train" in split else ""
+    return f"{sft}evaluations before and after RL {phase('evaluation_'):.0f}s, RL {phase('rl/'):.0f}s: {rl}"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -90,7 +90,8 @@ EVALUATION = "evaluation"
 SCORE_MEAN = "score_mean"
 EPISODES = "episodes"
 WALL_S = "wall_s"
-#: What an evaluation reports per split (besides its number of EPISODES), and a sweep may rank by.
+#: What an evaluation reports per split (besides its number of EPISODES and its WALL_S), and a
+#: sweep may rank by.
 EVALUATION_KEYS = (SUCCESS_RATE, SCORE_MEAN, EPISODE_LEN_MEAN)
 
 

@@ -156,6 +156,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             requests = [EpisodeRequest(seed=int(s)) for s in rng.integers(0, 2**31, num_episodes or 1)]
         if not requests:
             return []  # a runner with no groups this round logs nothing (no zero throughput)
+        if getattr(self.engine, "prefix_cache", None) is not None:
+            # Prefixes are computed afresh in each call, so that what a call samples never
+            # depends on an earlier one (a resumed run samples what the uninterrupted one did).
+            self.engine.prefix_cache.clear()
         pool = self._idle_envs[split]
         stats = RolloutStats()
         exp = self.experiment

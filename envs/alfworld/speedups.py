@@ -1,4 +1,4 @@
-"""Memoization of pure functions the TextWorld PDDL engine recomputes all the time.
+"""Faster versions of functions the TextWorld PDDL engine calls all the time.
 
 * `textgen._parse_and_convert(text)`: TatSu re-parses the same grammar snippets (command
   templates, feedback rules) for every admissible command on every step; that parsing is about
@@ -15,8 +15,8 @@
   cheaper and a replay of the same game cheaper still. The translated task is only read.
   The wrapper also restores `sys.argv`, which `pddl2sas` overwrites on every call.
 
-Both caches return what the original call returns (a test compares full game traces), so they
-change speed only. `install()` is idempotent and process-wide.
+Each returns what the original returns (a test compares game traces played with and without
+them), so they change speed only. `install()` is idempotent and process-wide.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ only tokens that continue one of its allowed completions and stops when one is c
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from empg_rllib.core.precision import resolve_dtype
 from empg_rllib.core.scoring import left_pad, position_ids
 from empg_rllib.sampling.engines.base import Completion, FinishReason, SamplingParams, check_request
 from empg_rllib.sampling.engines.prefix_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
 
 
 class HFEngine:
@@ -43,6 +46,9 @@ class HFEngine:
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         self.prefix_cache = PrefixCache(self.model) if prefix_cache and PrefixCache.supports(self.model) else None
+        if prefix_cache and self.prefix_cache is None:
+            logger.info("prefix_cache: %s keeps no plain growing KV cache; every prompt is computed whole",
+                        type(self.model).__name__)
         self.weights_version = 0
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._stop_cache: dict[tuple[tuple[str, ...], int], torch.Tensor] = {}

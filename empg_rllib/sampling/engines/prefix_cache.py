@@ -3,10 +3,10 @@
 Every prompt of a run starts with the same system prompt and format instructions, and the
 prompts of a group share their task; recomputing those tokens for every prompt of every turn is
 most of a real model's prefill. `PrefixCache` computes the keys and values of the token prefix a
-batch's prompts share once, for one row, and hands the batch a view of them: only each prompt's
-own tail is computed. It keeps the last prefix across batches (the next batch reuses as much of
-it as the two share: the system prompt at least) until the weights change (the engine's
-`weights_version` is set).
+batch's prompts share once, for one row, and gives every row of the batch a copy: only each
+prompt's own tail is computed. It keeps the last prefix across batches (the next batch reuses as
+much of it as the two share: the system prompt at least) until the weights change (the engine's
+`weights_version` is set) or its owner clears it (the env runner, at each sampling call).
 
 The attention each prompt token sees is the same as without the cache (the tail is left-padded
 after the prefix, the padding masked, positions counted from the prefix), so results agree with
@@ -25,13 +25,13 @@ MIN_SHARED_TOKENS = 8
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens every sequence of `sequences` has in common."""
-    first, length = sequences[0], min(len(s) for s in sequences)
-    for i in range(length):
-        token = first[i]
-        if any(s[i] != token for s in sequences):
+    """How many leading tokens every sequence of `sequences` has in common: those the
+    lexicographically first and last have in common."""
+    first, last = min(map(list, sequences)), max(map(list, sequences))
+    for i, (a, b) in enumerate(zip(first, last)):
+        if a != b:
             return i
-    return length
+    return min(len(first), len(last))
 
 
 class PrefixCache:
@@ -53,12 +53,14 @@ class PrefixCache:
         return shared if shared >= MIN_SHARED_TOKENS else 0
 
     def past(self, prefix: Sequence[int], batch: int) -> Any:
-        """A DynamicCache holding `prefix`'s keys and values for `batch` rows (views of one row:
-        the model's update concatenates, so the cached row is never written)."""
+        """A DynamicCache holding `prefix`'s keys and values for `batch` rows (the cache copies
+        the one row it is given for each; the kept row is never written)."""
         from transformers import DynamicCache
 
         reused = common_prefix_length([self.tokens, prefix]) if self.tokens else 0
         layers = [(k[:, :, :reused], v[:, :, :reused]) for k, v in self.layers] if reused else []
+        if reused < len(self.tokens):  # copies: a slice would keep the longer prefix's storage alive
+            layers = [(k.clone(), v.clone()) for k, v in layers]
         if reused < len(prefix):
             layers = self._extend(layers, list(prefix[reused:]), reused)
         self.tokens, self.layers = list(prefix), layers
