@@ -61,10 +61,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/env_workers.py
 	$(PY) benchmarks/gradient_checkpointing.py
 	$(PY) benchmarks/smollm2_parity.py
-	$(PY) benchmarks/smollm2_examples.py
+	$(PY) benchmarks/smollm2_examples.py --files alfworld --engines hf hf:prefix_cache=false vllm --episodes 4 --set loss=grpo
+	$(PY) benchmarks/smollm2_examples.py --files alfworld --engines hf hf:prefix_cache=false vllm --episodes 4 --set loss=grpo \
+		--set dtype=float32 --out smollm2_examples_fp32
+	$(PY) benchmarks/vllm_cpu_setup.py
 	$(PY) benchmarks/remote_env.py
 	$(PY) benchmarks/agent_endpoint.py
 	$(PY) benchmarks/learner_padding.py --max-turns 6
+	$(PY) benchmarks/demo_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/results
